@@ -1,0 +1,58 @@
+"""The Flask application factory. Nothing connects or reads files at import time."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+
+from api.config import Settings
+from models.db import make_engine, make_session_factory
+from models.policy import load_policies
+
+
+def create_app(overrides: dict[str, Any] | None = None) -> Flask:
+    """Build the app: settings and policy validated, database, Celery, errors, blueprints, CLI.
+
+    `overrides` replaces environment variables (tests use it to point at their own database).
+    """
+    import os
+
+    from api import cli, db, errors, health, incidents
+    from tasks.celery import celery_init_app
+
+    settings = Settings.from_env({**os.environ, **(overrides or {})})
+    # An invalid policy stops the process here, naming the file and the field.
+    policies = load_policies(settings.policy_file)
+
+    app = Flask("incidents")
+    app.config.update(
+        SETTINGS=settings,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        API_TITLE="Incident escalation service",
+        API_VERSION="1.0",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        API_SPEC_OPTIONS={
+            "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+        },
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    app.extensions["engine_settings"] = settings.engine
+    app.extensions["policies"] = policies
+    app.extensions["db"] = make_session_factory(make_engine(settings.database_url))
+    celery_init_app(app)
+
+    api = errors.IncidentApi(app)
+    errors.init_app(app, api)
+    db.init_app(app)
+    api.register_blueprint(health.blp)
+    api.register_blueprint(incidents.blp)
+    app.cli.add_command(cli.keys)
+    app.cli.add_command(cli.policy)
+    return app

@@ -1,0 +1,65 @@
+"""Settings from the environment, with working defaults for a developer machine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.engine import EngineSettings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the process must not start."""
+
+
+def _float(env: dict, name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    policy_file: Path
+    engine: EngineSettings
+    visibility_timeout_s: float
+    max_body_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        settings = cls(
+            database_url=env.get("DATABASE_URL", "postgresql://127.0.0.1:5432/incidents"),
+            policy_file=Path(env.get("ESCALATION_POLICY_FILE") or PROJECT_ROOT / "policy.yaml"),
+            engine=EngineSettings(
+                eta_horizon_s=_float(env, "ESCALATION_ETA_HORIZON", 300),
+                redelivery_grace_s=_float(env, "ESCALATION_REDELIVERY_GRACE", 30),
+            ),
+            visibility_timeout_s=_float(env, "BROKER_VISIBILITY_TIMEOUT", 3600),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse settings under which Redis would deliver an escalation twice or not at all."""
+        horizon = self.engine.eta_horizon_s
+        if horizon <= 0:
+            raise ConfigError("ESCALATION_ETA_HORIZON must be positive")
+        # An ETA task is unacknowledged until it runs; it must run well before Redis's sweep
+        # hands it to a second worker.
+        if horizon > self.visibility_timeout_s / 2:
+            raise ConfigError(
+                f"ESCALATION_ETA_HORIZON ({horizon:g} s) must be at most half of "
+                f"BROKER_VISIBILITY_TIMEOUT ({self.visibility_timeout_s:g} s): escalations held "
+                "longer than the visibility timeout are redelivered by Redis"
+            )
+        if self.engine.redelivery_grace_s <= 0:
+            raise ConfigError("ESCALATION_REDELIVERY_GRACE must be positive")

@@ -1,0 +1,52 @@
+"""One JSON error shape for everything: {"code", "status", "message", "errors"?}."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+from flask_smorest import Api
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
+
+logger = logging.getLogger("api")
+
+
+# Clearer than Werkzeug's descriptions for the errors a client can fix.
+MESSAGES = {
+    400: "The request body is not valid JSON.",
+    422: "The request is invalid: `errors` names each field and what is wrong with it.",
+}
+
+
+class IncidentApi(Api):
+    """flask-smorest's Api, with a `message` on every error."""
+
+    def handle_http_exception(self, error: HTTPException):
+        data = getattr(error, "data", None) or {}
+        if "message" not in data:
+            error.data = {**data, "message": MESSAGES.get(error.code, error.description)}
+        return super().handle_http_exception(error)
+
+
+def init_app(app: Flask, api: IncidentApi) -> None:
+    """Map database outages to 503 and anything unexpected to a JSON 500 without a traceback."""
+
+    def unavailable(error: Exception):
+        logger.warning("database unavailable: %s", error.__class__.__name__)
+        return api.handle_http_exception(
+            ServiceUnavailable("The database is unavailable; try again shortly.")
+        )
+
+    def unexpected(error: Exception):
+        if isinstance(error, HTTPException):
+            return api.handle_http_exception(error)
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return unavailable(error)
+        logger.exception("unexpected error")
+        return api.handle_http_exception(InternalServerError())
+
+    app.register_error_handler(OperationalError, unavailable)
+    app.register_error_handler(PoolTimeoutError, unavailable)
+    app.register_error_handler(Exception, unexpected)

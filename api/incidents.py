@@ -1,0 +1,167 @@
+"""The incidents resource: thin views (parse -> load -> domain call -> commit -> deliver)."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import current_app, g, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+from marshmallow import ValidationError
+from sqlalchemy import select, tuple_
+
+from api.auth import authenticate
+from api.db import db_session
+from api.schemas import (
+    EscalationListSchema,
+    EventListSchema,
+    IncidentCreateSchema,
+    IncidentListArgsSchema,
+    IncidentPageSchema,
+    IncidentSchema,
+    TransitionSchema,
+    decode_cursor,
+    encode_cursor,
+)
+from models import engine
+from models.engine import Outbox
+from models.escalation import Escalation
+from models.incident import Incident, IncidentEvent
+from models.lifecycle import Action, InvalidTransition
+from tasks.escalation import deliver
+
+blp = Blueprint("incidents", __name__, url_prefix="/incidents", description="Incidents and their escalations")
+blp.before_request(authenticate)
+
+
+def _find(incident_id: uuid.UUID) -> Incident:
+    """The caller's tenant's incident, or 404 (another tenant's incident does not exist for them)."""
+    incident = (
+        db_session()
+        .scalars(select(Incident).where(Incident.id == incident_id, Incident.tenant == g.api_key.tenant))
+        .one_or_none()
+    )
+    if incident is None:
+        abort(404, message=f"Incident {incident_id} not found.")
+    return incident
+
+
+@blp.route("")
+class Incidents(MethodView):
+    @blp.arguments(IncidentListArgsSchema, location="query")
+    @blp.response(200, IncidentPageSchema)
+    def get(self, args):
+        """List incidents, newest first (keyset pagination: pass next_cursor back as cursor)."""
+        stmt = select(Incident).where(Incident.tenant == g.api_key.tenant)
+        if args.get("state"):
+            stmt = stmt.where(Incident.state == args["state"])
+        if args.get("cursor"):
+            try:
+                created_at, last_id = decode_cursor(args["cursor"])
+            except ValidationError as exc:
+                abort(422, errors={"query": {"cursor": exc.messages}})
+            stmt = stmt.where(tuple_(Incident.created_at, Incident.id) < (created_at, last_id))
+        limit = args["limit"]
+        rows = (
+            db_session()
+            .scalars(stmt.order_by(Incident.created_at.desc(), Incident.id.desc()).limit(limit + 1))
+            .all()
+        )
+        items = rows[:limit]
+        more = len(rows) > limit
+        return {
+            "items": items,
+            "next_cursor": encode_cursor(items[-1].created_at, items[-1].id) if more else None,
+        }
+
+    @blp.arguments(IncidentCreateSchema)
+    @blp.response(201, IncidentSchema)
+    def post(self, data):
+        """Report an incident (state OPEN)."""
+        if data["policy"] is not None and data["policy"] not in current_app.extensions["policies"].policies:
+            abort(422, errors={"json": {"policy": [f"Unknown policy {data['policy']!r}."]}})
+        session = db_session()
+        incident = Incident(id=uuid.uuid4(), tenant=g.api_key.tenant, **data)
+        session.add(incident)
+        session.flush()  # INSERT ... RETURNING created_at: the timeline entry shares it
+        engine.record_event(session, incident, "created", incident.created_at, actor=g.api_key.id)
+        session.commit()
+        return incident, {"Location": url_for("incidents.Incident", incident_id=incident.id)}
+
+
+@blp.route("/<uuid:incident_id>", endpoint="Incident")
+@blp.response(200, IncidentSchema)
+def get_incident(incident_id):
+    """Read one incident."""
+    return _find(incident_id)
+
+
+def _transition_view(action: Action):
+    def view(data, incident_id):
+        session = db_session()
+        incident = engine.lock_incident(session, incident_id, tenant=g.api_key.tenant)
+        if incident is None:
+            abort(404, message=f"Incident {incident_id} not found.")
+        outbox = Outbox()
+        try:
+            engine.transition(
+                session,
+                incident,
+                action,
+                actor=g.api_key.id,
+                note=data.get("note"),
+                policies=current_app.extensions["policies"],
+                settings=current_app.extensions["engine_settings"],
+                outbox=outbox,
+            )
+        except InvalidTransition as exc:
+            session.rollback()
+            abort(409, message=str(exc), errors={"state": [exc.current.value]})
+        session.commit()
+        deliver(outbox)
+        return incident
+
+    view.__name__ = f"{action.value}_incident"
+    view.__doc__ = f"{action.value.capitalize()} an incident (409 if its state does not allow it)."
+    return view
+
+
+for _action in Action:
+    blp.route(f"/<uuid:incident_id>/{_action.value}", methods=["POST"])(
+        blp.arguments(TransitionSchema, required=False)(
+            blp.response(200, IncidentSchema)(_transition_view(_action))
+        )
+    )
+
+
+@blp.route("/<uuid:incident_id>/events")
+@blp.response(200, EventListSchema)
+def list_events(incident_id):
+    """The incident's timeline: every transition and escalation step, oldest first."""
+    _find(incident_id)
+    events = (
+        db_session()
+        .scalars(
+            select(IncidentEvent).where(IncidentEvent.incident_id == incident_id).order_by(IncidentEvent.id)
+        )
+        .all()
+    )
+    return {"items": events}
+
+
+@blp.route("/<uuid:incident_id>/escalations")
+@blp.route("/escalations/<uuid:incident_id>", endpoint="escalations_original_path")
+@blp.response(200, EscalationListSchema)
+def list_escalations(incident_id):
+    """The incident's escalations by level: PENDING, EXECUTED or CANCELLED, never deleted."""
+    _find(incident_id)
+    escalations = (
+        db_session()
+        .scalars(
+            select(Escalation)
+            .where(Escalation.incident_id == incident_id)
+            .order_by(Escalation.escalation_level)
+        )
+        .all()
+    )
+    return {"items": escalations}

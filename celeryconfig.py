@@ -1,0 +1,76 @@
+"""Celery settings, all from the environment (12-factor). Each one says why it has its value.
+
+Read by tasks/celery.py through `config_from_object("celeryconfig")`.
+"""
+
+import os
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+# The broker: CELERY_BROKER_URL wins, else REDIS_URL. Redis by default; RabbitMQ (amqp://) works too.
+broker_url = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# Seconds a message may stay unacknowledged before Redis hands it to another worker. ETA tasks are
+# unacknowledged until they run, so the engine only publishes tasks due within
+# ESCALATION_ETA_HORIZON (checked at start-up to be well below this).
+BROKER_VISIBILITY_TIMEOUT = _env_float("BROKER_VISIBILITY_TIMEOUT", 3600)
+# Every wait on the broker is bounded: a hung Redis must not hang an API request (default: none).
+BROKER_SOCKET_TIMEOUT = _env_float("BROKER_SOCKET_TIMEOUT", 1.0)
+
+broker_transport_options = {
+    "visibility_timeout": BROKER_VISIBILITY_TIMEOUT,
+    "socket_timeout": BROKER_SOCKET_TIMEOUT,
+    "socket_connect_timeout": BROKER_SOCKET_TIMEOUT,
+    # Ping idle connections so a restarted Redis is noticed before a publish hits the dead socket.
+    "health_check_interval": 10,
+}
+broker_connection_timeout = BROKER_SOCKET_TIMEOUT
+broker_connection_retry_on_startup = True
+broker_pool_limit = int(os.environ.get("BROKER_POOL_LIMIT", 10))
+
+# A publish that fails is retried once, quickly; after that the row in Postgres is the record and
+# the sweep delivers it. So a transition answers within ~2 s even when Redis is down or hung.
+task_publish_retry_policy = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
+
+task_serializer = "json"
+accept_content = ["json"]
+enable_utc = True
+timezone = "UTC"
+task_ignore_result = True  # Postgres holds every outcome; no result backend to run or to fill.
+task_default_queue = os.environ.get("CELERY_QUEUE", "escalations")
+
+# Acknowledge after the task ran, and give the message back if the worker process died in it:
+# an escalation whose worker was killed runs again elsewhere (it is idempotent, fenced in Postgres).
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_cancel_long_running_tasks_on_connection_loss = True
+# An escalation step is a few milliseconds of SQL; a minute means something is stuck.
+task_soft_time_limit = 50
+task_time_limit = 60
+
+worker_concurrency = int(os.environ.get("WORKER_CONCURRENCY", os.cpu_count() or 2))
+worker_prefetch_multiplier = int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", 4))
+worker_hijack_root_logger = False
+
+# Flower builds its views from these events.
+worker_send_task_events = True
+task_send_sent_event = True
+
+# The sweep hands over what the broker never got or lost. A copy that waited longer than one
+# interval in the queue is dropped: the next one is already on its way.
+ESCALATION_SWEEP_INTERVAL = _env_float("ESCALATION_SWEEP_INTERVAL", 5)
+beat_schedule = {
+    "sweep-escalations": {
+        "task": "escalations.sweep",
+        "schedule": ESCALATION_SWEEP_INTERVAL,
+        "options": {"expires": ESCALATION_SWEEP_INTERVAL},
+    }
+}

@@ -1,0 +1,20 @@
+"""Domain: the state machine, policies, ORM models and the escalation engine's database side."""
+
+from models.api_key import ApiKey, Scope
+from models.db import Base
+from models.escalation import Escalation, EscalationStatus
+from models.incident import Incident, IncidentEvent
+from models.lifecycle import Action, InvalidTransition, State
+
+__all__ = [
+    "Action",
+    "ApiKey",
+    "Base",
+    "Escalation",
+    "EscalationStatus",
+    "Incident",
+    "IncidentEvent",
+    "InvalidTransition",
+    "Scope",
+    "State",
+]

@@ -1,0 +1,56 @@
+"""The declarative Base, the engine and the session factory."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, MetaData, create_engine
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, sessionmaker
+
+# Constraint names are fixed from day one so that migrations can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept Heroku's `postgres://` and spell the driver explicitly."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 10_000) -> Engine:
+    """An engine whose every wait is bounded, so that a sick database yields a 503, never a hang."""
+    return create_engine(
+        normalize_database_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=3,
+        pool_pre_ping=True,
+        connect_args={
+            "connect_timeout": 2,
+            "options": f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={statement_timeout_ms}",
+            # Notice a dead server on an open connection instead of waiting on TCP for minutes.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 2,
+        },
+    )
+
+
+def make_session_factory(engine: Engine) -> sessionmaker:
+    """Sessions that keep loaded values after commit (we publish from them after committing)."""
+    return sessionmaker(engine, expire_on_commit=False)

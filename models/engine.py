@@ -1,0 +1,290 @@
+"""The escalation engine's database side: every decision, taken under row locks in one transaction.
+
+Postgres is the clock and the record of what must happen; the broker only wakes workers up. Each
+function here changes rows in the caller's transaction and notes in an Outbox what must be told to the
+broker once that transaction has committed (tasks.escalation.deliver does the telling). Lock order is
+always incident, then escalation: the API and the worker take it the same way, so they cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from models.escalation import Escalation, EscalationStatus
+from models.incident import Incident, IncidentEvent
+from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, Action, State, next_state
+from models.policy import PolicySet
+
+PENDING = EscalationStatus.PENDING
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    # Only escalations due within this many seconds are handed to the broker: a Celery ETA task is
+    # held unacknowledged in a worker's memory until it runs, so far-future ones would be redelivered
+    # past the visibility timeout and would cost worker memory. The sweep hands them over later.
+    eta_horizon_s: float = 300.0
+    # A delivered escalation still PENDING this long after it was due is taken as lost by the broker.
+    redelivery_grace_s: float = 30.0
+    sweep_batch: int = 500
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An escalation to hand to the broker after commit."""
+
+    escalation_id: uuid.UUID
+    incident_id: uuid.UUID
+    level: int
+    task_id: str
+    eta: datetime
+
+
+@dataclass
+class Outbox:
+    """What the broker must be told once the transaction has committed, and what to log then."""
+
+    publish: list[Delivery] = field(default_factory=list)
+    revoke: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock, read now (not at transaction start): every due time is judged by it."""
+    return session.scalar(select(func.clock_timestamp()))
+
+
+def lock_incident(session: Session, incident_id: uuid.UUID, tenant: str | None = None) -> Incident | None:
+    """Load the incident under a row lock (SELECT ... FOR UPDATE), optionally within one tenant."""
+    stmt = select(Incident).where(Incident.id == incident_id).with_for_update()
+    if tenant is not None:
+        stmt = stmt.where(Incident.tenant == tenant)
+    return session.scalars(stmt).one_or_none()
+
+
+def _hand_over(escalation: Escalation, now: datetime, outbox: Outbox, task_id: str | None = None):
+    """Mark the escalation as handed to the broker now and queue the publish for after commit."""
+    escalation.task_id = task_id or str(uuid.uuid4())
+    escalation.published_at = now
+    outbox.publish.append(
+        Delivery(
+            escalation.id,
+            escalation.incident_id,
+            escalation.escalation_level,
+            escalation.task_id,
+            escalation.scheduled_at,
+        )
+    )
+
+
+def _schedule_level(
+    session: Session,
+    incident: Incident,
+    level: int,
+    base: datetime,
+    settings: EngineSettings,
+    outbox: Outbox,
+) -> Escalation:
+    """Insert level `level` PENDING, due its delay after `base`; hand it over if within the horizon."""
+    spec = incident.policy_levels[level - 1]
+    escalation = Escalation(
+        id=uuid.uuid4(),
+        incident_id=incident.id,
+        escalation_level=level,
+        status=PENDING,
+        notify=list(spec["notify"]),
+        scheduled_at=base + timedelta(milliseconds=spec["delay_ms"]),
+        created_at=base,
+        updated_at=base,
+    )
+    session.add(escalation)
+    if escalation.scheduled_at <= base + timedelta(seconds=settings.eta_horizon_s):
+        _hand_over(escalation, base, outbox)
+    outbox.log.append(
+        f"[ESCALATION] Scheduled level {level} for incident {incident.id} at "
+        f"{escalation.scheduled_at.isoformat()} (escalation {escalation.id})"
+    )
+    return escalation
+
+
+def cancel_pending(session: Session, incident_id: uuid.UUID, now: datetime, outbox: Outbox) -> int:
+    """Mark every PENDING escalation of the incident CANCELLED; their tasks are revoked after commit."""
+    rows = session.execute(
+        update(Escalation)
+        .where(Escalation.incident_id == incident_id, Escalation.status == PENDING)
+        .values(status=EscalationStatus.CANCELLED, updated_at=now)
+        .returning(Escalation.task_id),
+        execution_options={"synchronize_session": False},
+    ).all()
+    outbox.revoke.extend(task_id for (task_id,) in rows if task_id)
+    if rows:
+        outbox.log.append(
+            f"[ESCALATION] Cancelled {len(rows)} pending escalation(s) for incident {incident_id}"
+        )
+    return len(rows)
+
+
+def record_event(
+    session: Session,
+    incident: Incident,
+    type_: str,
+    at: datetime,
+    *,
+    actor: uuid.UUID | None,
+    from_state: State | None = None,
+    data: dict | None = None,
+) -> None:
+    """Append a typed row to the incident's timeline, in the caller's transaction."""
+    session.add(
+        IncidentEvent(
+            incident_id=incident.id,
+            type=type_,
+            from_state=from_state,
+            to_state=incident.state,
+            actor=actor,
+            at=at,
+            data=data or {},
+        )
+    )
+
+
+def transition(
+    session: Session,
+    incident: Incident,
+    action: Action,
+    *,
+    actor: uuid.UUID | None,
+    policies: PolicySet,
+    settings: EngineSettings,
+    outbox: Outbox,
+    note: str | None = None,
+) -> None:
+    """Apply `action` to an incident locked by lock_incident(): state, timestamps, timeline, and
+    the escalations that start or stop with it. Raises InvalidTransition and changes nothing."""
+    current = incident.state
+    target = next_state(current, action)
+    now = db_now(session)
+    incident.state = target
+    incident.updated_at = now
+    setattr(incident, STATE_TIMESTAMP[target], now)
+    data: dict = {"note": note} if note else {}
+    if target is State.ESCALATING:
+        # An incident whose policy has since been removed from the file still escalates, by the
+        # default policy: an escalation that silently never starts is the worst outcome.
+        policy = policies.policies.get(incident.policy) or policies.get(None)
+        incident.policy_levels = [level.as_json() for level in policy.levels]
+        data.update(policy=policy.name, levels=len(policy.levels))
+        _schedule_level(session, incident, 1, now, settings, outbox)
+    elif current is State.ESCALATING:
+        data["cancelled_escalations"] = cancel_pending(session, incident.id, now, outbox)
+    record_event(session, incident, EVENT_TYPE[target], now, actor=actor, from_state=current, data=data)
+
+
+def execute(
+    session: Session,
+    escalation_id: uuid.UUID,
+    task_id: str | None,
+    settings: EngineSettings,
+    outbox: Outbox,
+) -> str:
+    """Execute one escalation if, under lock, it is still due and its incident still escalating.
+
+    Returns what happened: 'executed', 'duplicate' (not PENDING any more: another delivery did it, or
+    it was cancelled), 'cancelled' (the incident left ESCALATING), 'early' (handed back with its
+    ETA), 'stale' (an early copy that is not the current delivery) or 'missing'.
+    """
+    incident_id = session.scalar(select(Escalation.incident_id).where(Escalation.id == escalation_id))
+    if incident_id is None:
+        return "missing"
+    incident = lock_incident(session, incident_id)
+    escalation = session.scalars(
+        select(Escalation).where(Escalation.id == escalation_id).with_for_update()
+    ).one()
+    if escalation.status is not PENDING:
+        return "duplicate"
+    now = db_now(session)
+    if incident.state is not State.ESCALATING:
+        # Leaving ESCALATING cancels pending levels in the same transaction, so this is a guard only.
+        escalation.status = EscalationStatus.CANCELLED
+        escalation.updated_at = now
+        return "cancelled"
+    if escalation.scheduled_at > now:
+        # Delivered early (a worker clock ahead of the database's, or a sweep): hand it back once.
+        if task_id != escalation.task_id:
+            return "stale"
+        _hand_over(escalation, now, outbox, task_id=task_id)
+        return "early"
+    escalation.status = EscalationStatus.EXECUTED
+    escalation.executed_at = now
+    escalation.updated_at = now
+    lateness_ms = round((now - escalation.scheduled_at).total_seconds() * 1000, 1)
+    record_event(
+        session,
+        incident,
+        "escalation_executed",
+        now,
+        actor=None,
+        from_state=incident.state,
+        data={**escalation.as_event_data(), "lateness_ms": lateness_ms},
+    )
+    outbox.log.append(
+        f"[ESCALATION] EXECUTING level {escalation.escalation_level} for incident {incident.id} "
+        f"(escalation {escalation.id}, {lateness_ms} ms after due)"
+    )
+    if escalation.escalation_level < len(incident.policy_levels):
+        _schedule_level(session, incident, escalation.escalation_level + 1, now, settings, outbox)
+    return "executed"
+
+
+def sweep(session: Session, settings: EngineSettings, outbox: Outbox) -> tuple[int, int]:
+    """Hand over one batch of PENDING escalations due within the horizon that have no delivery in
+    flight: never handed over, or handed over and now overdue past the grace (the broker lost them).
+
+    SKIP LOCKED: two sweeps at once take disjoint rows, and rows a worker is executing are skipped.
+    Returns (rows handed over, of which already overdue).
+    """
+    now = db_now(session)
+    grace_cutoff = now - timedelta(seconds=settings.redelivery_grace_s)
+    rows = session.scalars(
+        select(Escalation)
+        .where(
+            Escalation.status == PENDING,
+            Escalation.scheduled_at <= now + timedelta(seconds=settings.eta_horizon_s),
+            or_(
+                Escalation.published_at.is_(None),
+                and_(
+                    Escalation.published_at < grace_cutoff,
+                    Escalation.scheduled_at < grace_cutoff,
+                ),
+            ),
+        )
+        .order_by(Escalation.scheduled_at)
+        .limit(settings.sweep_batch)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for escalation in rows:
+        _hand_over(escalation, now, outbox)
+    return len(rows), sum(1 for escalation in rows if escalation.scheduled_at < now)
+
+
+def forget_publish(session: Session, failed: list[Delivery]) -> None:
+    """Clear published_at of deliveries the broker refused, so the next sweep takes them at once.
+
+    Only where the row still carries that delivery's task id: a newer delivery is left alone.
+    """
+    for delivery in failed:
+        session.execute(
+            update(Escalation)
+            .where(
+                Escalation.id == delivery.escalation_id,
+                Escalation.task_id == delivery.task_id,
+                Escalation.status == PENDING,
+            )
+            .values(published_at=None),
+            execution_options={"synchronize_session": False},
+        )

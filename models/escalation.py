@@ -1,0 +1,57 @@
+"""Escalations: one row per level of an incident, the record of what must happen and what did."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, UniqueConstraint, func, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.db import Base, JSONType
+from models.incident import _enum
+
+
+class EscalationStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    EXECUTED = "EXECUTED"
+    CANCELLED = "CANCELLED"
+
+
+class Escalation(Base):
+    __tablename__ = "escalations"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    incident_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("incidents.id"))
+    escalation_level: Mapped[int] = mapped_column(Integer)
+    status: Mapped[EscalationStatus] = mapped_column(
+        _enum(EscalationStatus, "escalation_status"), default=EscalationStatus.PENDING
+    )
+    notify: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    scheduled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    executed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Delivery tracking. published_at is when the row was last handed to the broker (None: never,
+    # or the hand-over failed); the sweep re-delivers rows the broker has evidently lost.
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        UniqueConstraint("incident_id", "escalation_level"),
+        # Finding due PENDING rows stays cheap however many finished rows pile up.
+        Index(
+            "ix_escalations_pending_scheduled_at",
+            "scheduled_at",
+            postgresql_where=text("status = 'PENDING'"),
+        ),
+    )
+
+    def as_event_data(self) -> dict[str, Any]:
+        return {
+            "escalation_id": str(self.id),
+            "escalation_level": self.escalation_level,
+            "notify": list(self.notify),
+        }

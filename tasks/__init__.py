@@ -1,0 +1,1 @@
+"""Celery: the app factory (tasks.celery), the tasks (tasks.escalation), the entry point (tasks.app)."""

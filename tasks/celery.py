@@ -1,0 +1,24 @@
+"""Bind a Celery app to a Flask app (the Flask docs' pattern): tasks run inside the app context."""
+
+from __future__ import annotations
+
+from celery import Celery, Task
+from flask import Flask
+
+
+def celery_init_app(app: Flask) -> Celery:
+    """Create the Celery app from celeryconfig.py and keep it in app.extensions['celery']."""
+
+    class FlaskTask(Task):
+        def __call__(self, *args, **kwargs):
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object("celeryconfig")
+    celery_app.set_default()
+    # Register the tasks with this app (shared_task binds them to every app).
+    import tasks.escalation  # noqa: F401
+
+    app.extensions["celery"] = celery_app
+    return celery_app

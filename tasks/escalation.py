@@ -1,0 +1,106 @@
+"""Escalation tasks: thin. Each takes an id, runs one engine step in one transaction, commits, then
+tells the broker what the step decided (deliver)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from celery import shared_task
+from flask import current_app
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from models import engine
+from models.engine import Outbox
+
+logger = logging.getLogger("escalation")
+
+# A sweep takes at most this many batches at a time; the next sweep goes on where it stopped.
+MAX_SWEEP_BATCHES = 20
+
+
+def deliver(outbox: Outbox) -> bool:
+    """After commit: log, publish the escalations handed over, revoke the cancelled ones.
+
+    Never raises and never waits long on a sick broker: the rows in Postgres already say what must
+    happen, and the sweep delivers whatever could not be published here. Returns False when the
+    broker refused a publish.
+    """
+    for line in outbox.log:
+        logger.info(line)
+    for index, delivery in enumerate(outbox.publish):
+        try:
+            execute_escalation.apply_async(
+                (str(delivery.escalation_id),), task_id=delivery.task_id, eta=delivery.eta
+            )
+        except Exception as exc:  # noqa: BLE001 - any broker failure means: leave it to the sweep
+            failed = outbox.publish[index:]
+            logger.warning(
+                "[ESCALATION] broker refused %d publish(es) (%s); the sweep will deliver them",
+                len(failed),
+                exc,
+            )
+            _forget_publish(failed)
+            return False
+    if outbox.revoke:
+        try:
+            # A courtesy that saves a wake-up: the CANCELLED row is what stops the level.
+            current_app.extensions["celery"].control.revoke(outbox.revoke)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("[ESCALATION] could not revoke %d task(s): %s", len(outbox.revoke), exc)
+    return True
+
+
+def _forget_publish(failed: list[engine.Delivery]) -> None:
+    try:
+        with current_app.extensions["db"].begin() as session:
+            engine.forget_publish(session, failed)
+    except Exception as exc:  # noqa: BLE001 - the redelivery grace covers this too
+        logger.warning("[ESCALATION] could not mark %d publish(es) as failed: %s", len(failed), exc)
+
+
+@shared_task(
+    bind=True,
+    name="escalations.execute",
+    autoretry_for=(DBAPIError, PoolTimeoutError),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=20,
+)
+def execute_escalation(self, escalation_id: str) -> str:
+    """Execute one escalation level if it is still due, then schedule the next one."""
+    outbox = Outbox()
+    with current_app.extensions["db"].begin() as session:
+        outcome = engine.execute(
+            session,
+            uuid.UUID(escalation_id),
+            self.request.id,
+            current_app.extensions["engine_settings"],
+            outbox,
+        )
+    deliver(outbox)
+    if outcome not in ("executed", "early"):
+        logger.info("[ESCALATION] escalation %s: %s, nothing to do", escalation_id, outcome)
+    return outcome
+
+
+@shared_task(name="escalations.sweep")
+def sweep_escalations() -> int:
+    """Hand to the broker every PENDING escalation now within the horizon that it does not hold."""
+    settings = current_app.extensions["engine_settings"]
+    total = overdue = 0
+    for _ in range(MAX_SWEEP_BATCHES):
+        outbox = Outbox()
+        with current_app.extensions["db"].begin() as session:
+            handed, late = engine.sweep(session, settings, outbox)
+        total += handed
+        overdue += late
+        if not deliver(outbox) or handed < settings.sweep_batch:
+            break
+    if overdue:
+        logger.warning("[SWEEP] re-delivered %d overdue escalation(s)", overdue)
+    if total - overdue:
+        logger.info("[SWEEP] handed over %d escalation(s) now within the horizon", total - overdue)
+    return total
