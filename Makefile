@@ -1,0 +1,49 @@
+# Two commands a newcomer needs: `make run` and `make test`. Each does all of its own set-up
+# (virtualenv, pinned dependencies, database, migrations) and is quick the second time.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# Settings found or started by `ensure` (DATABASE_URL, REDIS_URL).
+LOAD_ENV := set -a; . .run/env; set +a
+export PORT ?= 5000
+
+.PHONY: install services migrate run test faults bench lint clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.cfg constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade 'pip>=24'
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	touch $@
+
+services: install
+	@$(BIN)/python -m tests.support.servers ensure
+
+migrate: services
+	@$(LOAD_ENV); $(BIN)/alembic -c migrations/alembic.ini upgrade head
+
+# Every Procfile process in the foreground (release runs first, as on the PaaS).
+run: migrate
+	@$(LOAD_ENV); export FLOWER_BASIC_AUTH="$${FLOWER_BASIC_AUTH:-admin:admin}"; \
+	  echo "API on http://127.0.0.1:$$PORT  Flower on http://127.0.0.1:$${FLOWER_PORT:-5555} ($$FLOWER_BASIC_AUTH)"; \
+	  exec $(BIN)/honcho start web worker beat flower
+
+test: services
+	@$(LOAD_ENV); $(BIN)/ruff check .; $(BIN)/pytest $(PYTEST_ARGS)
+
+faults: services
+	@$(LOAD_ENV); $(BIN)/pytest -m faults $(PYTEST_ARGS)
+
+bench: services
+	@$(LOAD_ENV); $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .ruff_cache *.egg-info

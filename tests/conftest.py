@@ -1,0 +1,131 @@
+"""Fixtures: a fresh database per test session on the real Postgres, a unique queue on the real
+Redis, a real Celery worker, a real gunicorn. Nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config
+
+from tests.support import servers
+from tests.support.servers import PROJECT_ROOT
+
+RUN_ID = uuid.uuid4().hex[:8]
+SERVER_URL = (os.environ.get("DATABASE_URL") or servers.DEFAULT_DATABASE_URL).replace(
+    "postgres://", "postgresql://", 1
+)
+TEST_DB = f"incidents_test_{RUN_ID}"
+FAST_POLICY = PROJECT_ROOT / "tests" / "policies" / "fast.yaml"
+
+# The environment every process of this test session shares (the in-process app, the worker and
+# gunicorn): its own database and its own queue, so a `make run` on the same machine is untouched.
+TEST_ENV = {
+    "DATABASE_URL": servers.with_database(SERVER_URL, TEST_DB),
+    "REDIS_URL": os.environ.get("REDIS_URL") or servers.DEFAULT_REDIS_URL,
+    "CELERY_QUEUE": f"test-{RUN_ID}",
+    "ESCALATION_POLICY_FILE": str(FAST_POLICY),
+    "ESCALATION_SWEEP_INTERVAL": "1",
+    "ESCALATION_REDELIVERY_GRACE": "2",
+    "ESCALATION_ETA_HORIZON": "60",
+}
+
+
+def pytest_configure(config):
+    # celeryconfig reads the environment when first imported: set it before anything imports it.
+    os.environ.pop("CELERY_BROKER_URL", None)
+    os.environ.update(TEST_ENV)
+
+
+def alembic_config(database_url: str) -> Config:
+    cfg = Config(str(PROJECT_ROOT / "migrations" / "alembic.ini"))
+    cfg.attributes["database_url"] = database_url
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    servers.create_database(SERVER_URL, TEST_DB)
+    command.upgrade(alembic_config(TEST_ENV["DATABASE_URL"]), "head")
+    yield TEST_ENV["DATABASE_URL"]
+    servers.drop_database(SERVER_URL, TEST_DB)
+
+
+@pytest.fixture(scope="session")
+def app(database_url):
+    from api import create_app
+
+    app = create_app({"DATABASE_URL": database_url})
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def make_key(app):
+    """make_key(tenant, scope='write', revoked=False) -> the Authorization headers of a new key."""
+    from models.api_key import ApiKey, Scope, hash_key, new_key
+
+    def make(tenant: str = "acme", scope: str = "write", revoked: bool = False) -> dict[str, str]:
+        key, prefix = new_key()
+        with app.extensions["db"].begin() as session:
+            record = ApiKey(
+                id=uuid.uuid4(),
+                tenant=tenant,
+                name="test",
+                prefix=prefix,
+                secret_hash=hash_key(key),
+                scope=Scope(scope),
+            )
+            session.add(record)
+            if revoked:
+                from sqlalchemy import func
+
+                record.revoked_at = func.now()
+        return {"Authorization": f"Bearer {key}"}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def auth(make_key):
+    """A write key of tenant 'acme'."""
+    return make_key("acme")
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def process_env(database_url) -> dict[str, str]:
+    return {**os.environ, **TEST_ENV, "DATABASE_URL": database_url}
+
+
+@pytest.fixture(scope="session")
+def worker(process_env, log_dir):
+    """A real Celery worker with embedded beat (the sweep), consuming this session's queue."""
+    from tests.support.processes import worker as make_worker
+
+    proc = make_worker(process_env, log_dir, beat=True).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def web(process_env, log_dir):
+    """A real gunicorn serving the API."""
+    from tests.support.processes import web as make_web
+
+    proc = make_web(process_env, log_dir).start()
+    yield f"http://127.0.0.1:{proc.port}"
+    proc.stop()

@@ -1,0 +1,1 @@
+"""Test and development support: private servers, process helpers, the invariant checker."""

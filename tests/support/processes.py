@@ -1,0 +1,155 @@
+"""Real processes for tests: a Celery worker (optionally with beat), gunicorn, beat alone.
+
+Each helper starts the process in its own session so that a test can kill -9 it and everything it
+forked, and waits until it is ready.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.servers import PROJECT_ROOT, free_port, port_open, wait_until
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Process:
+    """A started process and its log file."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready_text: str | None = None
+    port: int | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = 60) -> Process:
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child
+        self.process = subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        if self.ready_text:
+            wait_until(self._logged_ready, timeout, interval=0.1, what=f"{self.name} ready")
+        if self.port:
+            wait_until(lambda: port_open("127.0.0.1", self.port, 0.2), timeout, what=f"{self.name} port")
+        return self
+
+    def _logged_ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self._offset)
+            return self.ready_text.encode() in fh.read()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """kill -9 the process and everything in its session (prefork children included)."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+        self.process = None
+
+    def stop(self, timeout: float = 20) -> None:
+        """Ask politely (SIGTERM: a Celery warm shutdown), then kill -9."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+
+def worker(
+    env: dict[str, str], log_dir: Path, *, name: str = "worker", beat: bool = False, concurrency: int = 2
+) -> Process:
+    """A real Celery worker on env's queue; with beat=True it also runs the sweep schedule."""
+    cmd = [
+        str(BIN / "celery"),
+        "-A",
+        "tasks.app:celery_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--hostname",
+        f"{name}-{os.getpid()}-{free_port()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "-Q",
+        env["CELERY_QUEUE"],
+    ]
+    if beat:
+        cmd += ["--beat", "--schedule", str(log_dir / f"{name}-beat-schedule")]
+    return Process(name, cmd, env, log_dir / f"{name}.log", ready_text="ready.")
+
+
+def beat(env: dict[str, str], log_dir: Path, *, name: str = "beat") -> Process:
+    """celery beat alone (the Procfile's beat process)."""
+    cmd = [
+        str(BIN / "celery"),
+        "-A",
+        "tasks.app:celery_app",
+        "beat",
+        "--loglevel",
+        "INFO",
+        "--schedule",
+        str(log_dir / f"{name}-schedule"),
+    ]
+    return Process(name, cmd, env, log_dir / f"{name}.log", ready_text="beat: Starting")
+
+
+def web(
+    env: dict[str, str], log_dir: Path, *, name: str = "web", workers: int = 2, threads: int = 4
+) -> Process:
+    """gunicorn serving create_app() on a free port (the Procfile's web process)."""
+    port = free_port()
+    cmd = [
+        str(BIN / "gunicorn"),
+        "api:create_app()",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--graceful-timeout",
+        "5",
+    ]
+    return Process(name, cmd, env, log_dir / f"{name}.log", port=port)
