@@ -73,3 +73,160 @@ def test_levels_fire_in_order_each_within_a_second_and_the_last_ends_the_chain(h
         "escalation_executed",
         "acknowledged",
     ]
+
+
+def wait_statuses(http, incident_id, expected: list[str], timeout: float = 10) -> list[dict]:
+    return eventually(
+        lambda: (r := escalations(http, incident_id)) and [e["status"] for e in r] == expected and r,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("action", ["acknowledge", "resolve", "cancel"])
+def test_leaving_escalating_stops_pending_levels_and_nothing_fires_after(http, action):
+    incident = create(http)
+    act(http, incident["id"], "escalate")
+    # Level 1 fires after 1 s; stop the chain while level 2 is pending.
+    wait_statuses(http, incident["id"], ["EXECUTED", "PENDING"])
+    left = act(http, incident["id"], action)
+    left_at = ts(
+        left[{"acknowledge": "acknowledged_at", "resolve": "resolved_at", "cancel": "cancelled_at"}[action]]
+    )
+    # Wait past the moment level 2 and level 3 would have fired.
+    import time
+
+    time.sleep(3)
+    rows = escalations(http, incident["id"])
+    assert [e["status"] for e in rows] == ["EXECUTED", "CANCELLED"]
+    assert ts(rows[0]["executed_at"]) < left_at
+    assert rows[1]["executed_at"] is None
+    events = http.get(f"{http.base}/incidents/{incident['id']}/events", timeout=5).json()["items"]
+    assert [e["type"] for e in events][-1] == {
+        "acknowledge": "acknowledged",
+        "resolve": "resolved",
+        "cancel": "cancelled",
+    }[action]
+    assert events[-1]["data"]["cancelled_escalations"] == 1
+
+
+def test_original_design_fifteen_scenarios(http):
+    """The prototype's 15-step suite, over HTTP, with a real worker and a fast policy."""
+    # 1. Health check returns 200
+    health = requests.get(f"{http.base}/health", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    # 2. Create incident (OPEN state)
+    first = create(http, title="payments failing")
+    assert first["state"] == "OPEN"
+    # 3. Escalate incident (OPEN -> ESCALATING)
+    assert act(http, first["id"], "escalate")["state"] == "ESCALATING"
+    # 4. Create second incident for acknowledge path
+    second = create(http, title="slow search")
+    # 5. Acknowledge incident (OPEN -> ACKNOWLEDGED)
+    assert act(http, second["id"], "acknowledge")["state"] == "ACKNOWLEDGED"
+    # 6. Resolve from ACKNOWLEDGED
+    assert act(http, second["id"], "resolve")["state"] == "RESOLVED"
+    # 7. Escalation record created in DB (original path), and level 1 executes
+    original = http.get(f"{http.base}/incidents/escalations/{first['id']}", timeout=5).json()["items"]
+    assert [(e["escalation_level"], e["status"]) for e in original] == [(1, "PENDING")]
+    wait_statuses(http, first["id"], ["EXECUTED", "PENDING"])
+    # 8. Resolve incident (ESCALATING -> RESOLVED)
+    assert act(http, first["id"], "resolve")["state"] == "RESOLVED"
+    # 9. Pending escalations cancelled on resolve
+    assert [e["status"] for e in escalations(http, first["id"])] == ["EXECUTED", "CANCELLED"]
+    # 10. Invalid transition from RESOLVED rejected
+    refused = act(http, first["id"], "escalate", expect=409)
+    assert "RESOLVED" in refused["message"]
+    # 11. Create third incident for cancellation test; 12. escalate it
+    third = create(http, title="disk full")
+    act(http, third["id"], "escalate")
+    # 13. Cancel incident (ESCALATING -> CANCELLED)
+    assert act(http, third["id"], "cancel")["state"] == "CANCELLED"
+    # 14. Pending escalations cancelled on cancel
+    assert [e["status"] for e in escalations(http, third["id"])] == ["CANCELLED"]
+    # 15. Invalid transition ACKNOWLEDGED -> ESCALATING rejected
+    fourth = create(http, title="cert expiring")
+    act(http, fourth["id"], "acknowledge")
+    assert act(http, fourth["id"], "escalate", expect=409)["errors"] == {"state": ["ACKNOWLEDGED"]}
+    # Nothing fired after the cancellations.
+    import time
+
+    time.sleep(1.5)
+    assert [e["status"] for e in escalations(http, third["id"])] == ["CANCELLED"]
+    assert [e["status"] for e in escalations(http, first["id"])] == ["EXECUTED", "CANCELLED"]
+
+
+def test_the_same_task_delivered_ten_times_executes_once(http, app):
+    """Ten copies of one escalation's task at once: one EXECUTED row, one next level, one event."""
+    from tasks.escalation import execute_escalation
+
+    incident = create(http, policy="slow")
+    act(http, incident["id"], "escalate")
+    level1 = escalations(http, incident["id"])[0]
+    # Make it due now, as if an hour had passed.
+    with app.extensions["db"].begin() as session:
+        from sqlalchemy import text
+
+        session.execute(
+            text("UPDATE escalations SET scheduled_at = now() WHERE id = :id"), {"id": level1["id"]}
+        )
+    with app.app_context():
+        for _ in range(10):
+            execute_escalation.apply_async((level1["id"],))
+    rows = wait_statuses(http, incident["id"], ["EXECUTED", "PENDING"])
+    import time
+
+    time.sleep(1)  # let every copy run
+    rows = escalations(http, incident["id"])
+    assert [(e["escalation_level"], e["status"]) for e in rows] == [(1, "EXECUTED"), (2, "PENDING")]
+    events = http.get(f"{http.base}/incidents/{incident['id']}/events", timeout=5).json()["items"]
+    assert [e["type"] for e in events].count("escalation_executed") == 1
+    act(http, incident["id"], "resolve")
+
+
+def test_two_sweeps_at_once_take_disjoint_rows(app, http):
+    """SKIP LOCKED: concurrent sweeps never hand the same escalation over twice."""
+    import threading
+
+    from sqlalchemy import text
+
+    from models import engine
+
+    incidents = [create(http, policy="slow") for _ in range(20)]
+    for incident in incidents:
+        act(http, incident["id"], "escalate")
+    ids = [escalations(http, i["id"])[0]["id"] for i in incidents]
+    # A wider horizon than the worker's own sweep (60 s), so that only these two sweeps see the rows.
+    settings = engine.EngineSettings(eta_horizon_s=600, redelivery_grace_s=2, sweep_batch=7)
+    factory = app.extensions["db"]
+    barrier = threading.Barrier(2)
+    taken: list[list] = [[], []]
+    # Bring them within the horizon, never handed over; both sweeps then race for them.
+    with factory.begin() as session:
+        session.execute(
+            text(
+                "UPDATE escalations SET scheduled_at = now() + interval '300 seconds', published_at = NULL "
+                "WHERE id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": ids},
+        )
+
+    def run(slot):
+        with factory() as session:
+            barrier.wait()
+            while True:
+                outbox = engine.Outbox()
+                with session.begin():
+                    handed, _ = engine.sweep(session, settings, outbox)
+                    taken[slot].extend(d.escalation_id for d in outbox.publish if str(d.escalation_id) in ids)
+                if not handed:
+                    return
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not set(taken[0]) & set(taken[1])
+    assert sorted(map(str, taken[0] + taken[1])) == sorted(ids)
+    for incident in incidents:
+        act(http, incident["id"], "cancel")

@@ -1,0 +1,104 @@
+"""Losing Redis: a private Redis that is flushed or stopped, a real worker with the sweep, a real
+gunicorn. The machine's shared Redis is never touched."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+import requests
+
+from tests.support import processes
+from tests.support.servers import RedisServer
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(process_env, tmp_path_factory, auth):
+    """A private Redis, and a web and a worker (with beat) that use it."""
+    directory = tmp_path_factory.mktemp("broker-loss")
+    server = RedisServer(directory / "redis").start()
+    env = {**process_env, "REDIS_URL": server.url, "CELERY_QUEUE": "broker-loss"}
+    web = processes.web(env, directory, name="web-broker-loss").start()
+    worker = processes.worker(env, directory, name="worker-broker-loss", beat=True).start()
+    http = requests.Session()
+    http.headers.update(auth)
+    http.base = f"http://127.0.0.1:{web.port}"
+    yield http, server, worker
+    worker.stop()
+    web.stop()
+    server.stop()
+
+
+def new_escalating(http, count: int, policy: str = "fast") -> list[str]:
+    ids = []
+    for _ in range(count):
+        incident = http.post(
+            f"{http.base}/incidents", json={"title": "t", "policy": policy}, timeout=5
+        ).json()
+        response = http.post(f"{http.base}/incidents/{incident['id']}/escalate", timeout=5)
+        assert response.status_code == 200
+        ids.append(incident["id"])
+    return ids
+
+
+def statuses(http, incident_id) -> list[str]:
+    rows = http.get(f"{http.base}/incidents/{incident_id}/escalations", timeout=5).json()["items"]
+    return [row["status"] for row in rows]
+
+
+def all_executed(http, ids, levels=3) -> bool:
+    return all(statuses(http, i) == ["EXECUTED"] * levels for i in ids)
+
+
+def test_redis_flushed_while_escalations_are_pending(stack, app):
+    http, server, worker = stack
+    ids = new_escalating(http, 20)
+    # The worker now holds the level-1 ETA tasks; Redis forgets everything.
+    redis.Redis.from_url(server.url).flushall()
+    eventually(lambda: all_executed(http, ids), timeout=30, interval=0.5)
+    with app.extensions["db"]() as session:
+        from sqlalchemy import text
+
+        doubles = session.execute(
+            text(
+                "SELECT incident_id, escalation_level, count(*) FROM escalations "
+                "WHERE status = 'EXECUTED' AND incident_id = ANY(CAST(:ids AS uuid[])) "
+                "GROUP BY 1, 2 HAVING count(*) > 1"
+            ),
+            {"ids": ids},
+        ).all()
+        executed_events = session.scalar(
+            text(
+                "SELECT count(*) FROM incident_events WHERE type = 'escalation_executed' "
+                "AND incident_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": ids},
+        )
+    assert doubles == []
+    assert executed_events == 3 * len(ids)
+
+
+def test_redis_stopped_transitions_still_answer_and_escalations_run_when_it_is_back(stack):
+    http, server, worker = stack
+    server.stop(kill=True)
+    started = time.monotonic()
+    ids = new_escalating(http, 3, policy="single")
+    # Three creates and three escalations, each bounded even though every publish fails.
+    assert time.monotonic() - started < 6 * 2.5
+    single = http.post(f"{http.base}/incidents", json={"title": "t"}, timeout=5).json()
+    started = time.monotonic()
+    response = http.post(f"{http.base}/incidents/{single['id']}/escalate", timeout=5)
+    assert response.status_code == 200 and time.monotonic() - started < 2.5
+    ids.append(single["id"])
+    health = requests.get(f"{http.base}/health", timeout=5)
+    assert health.status_code == 503 and health.json()["checks"]["broker"].startswith("unavailable")
+    time.sleep(2)
+    assert all(statuses(http, i)[0] == "PENDING" for i in ids)
+    server.start()
+    eventually(lambda: all_executed(http, ids[:3], levels=1), timeout=30, interval=0.5)
+    eventually(lambda: all_executed(http, ids[3:]), timeout=30, interval=0.5)
+    assert requests.get(f"{http.base}/health", timeout=5).status_code == 200
