@@ -9,8 +9,12 @@ INSTALLED := $(VENV)/.installed
 # Settings found or started by `ensure` (DATABASE_URL, REDIS_URL).
 LOAD_ENV := set -a; . .run/env; set +a
 export PORT ?= 5000
+# Procfile commands (gunicorn, celery, alembic) come from the virtualenv.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+TENANT ?= demo
+SCOPE ?= write
 
-.PHONY: install services migrate run test faults bench lint clean
+.PHONY: install services migrate run key test faults bench lint clean
 
 install: $(INSTALLED)
 
@@ -31,6 +35,10 @@ run: migrate
 	@$(LOAD_ENV); export FLOWER_BASIC_AUTH="$${FLOWER_BASIC_AUTH:-admin:admin}"; \
 	  echo "API on http://127.0.0.1:$$PORT  Flower on http://127.0.0.1:$${FLOWER_PORT:-5555} ($$FLOWER_BASIC_AUTH)"; \
 	  exec $(BIN)/honcho start web worker beat flower
+
+# A new API key for $(TENANT) (SCOPE=read for a read-only one); the key is the last line.
+key: migrate
+	@$(LOAD_ENV); $(BIN)/flask --app api keys create --tenant "$(TENANT)" --name "make key" --scope "$(SCOPE)"
 
 test: services
 	@$(LOAD_ENV); $(BIN)/ruff check .; $(BIN)/pytest $(PYTEST_ARGS)
