@@ -230,3 +230,27 @@ def test_two_sweeps_at_once_take_disjoint_rows(app, http):
     assert sorted(map(str, taken[0] + taken[1])) == sorted(ids)
     for incident in incidents:
         act(http, incident["id"], "cancel")
+
+
+def test_far_future_level_is_left_to_the_sweep_until_it_enters_the_horizon(http, app):
+    """A level due beyond the ETA horizon is not given to the broker at all (no Redis redelivery,
+    no worker memory); the sweep hands it over once it comes within the horizon, and it fires on time."""
+    from sqlalchemy import text
+
+    incident = create(http, policy="slow")
+    act(http, incident["id"], "escalate")
+    level1 = escalations(http, incident["id"])[0]
+    with app.extensions["db"].begin() as session:
+        published = session.execute(
+            text("SELECT task_id, published_at FROM escalations WHERE id = :id"), {"id": level1["id"]}
+        ).one()
+        assert tuple(published) == (None, None)
+        # An hour has passed: the level is now due in 3 s, inside the horizon.
+        session.execute(
+            text("UPDATE escalations SET scheduled_at = now() + interval '3 seconds' WHERE id = :id"),
+            {"id": level1["id"]},
+        )
+    rows = wait_statuses(http, incident["id"], ["EXECUTED", "PENDING"], timeout=15)
+    lateness = (ts(rows[0]["executed_at"]) - ts(rows[0]["scheduled_at"])).total_seconds()
+    assert 0 <= lateness < 1.0
+    act(http, incident["id"], "resolve")

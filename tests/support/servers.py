@@ -81,6 +81,11 @@ class PostgresServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.directory, "postgres", "postgres")
+            # pytest's temporary directories are 0700 root: let the postgres user pass through.
+            for parent in self.directory.parents:
+                mode = parent.stat().st_mode
+                if not mode & 0o001:
+                    parent.chmod(mode | 0o001)
         if not (self.directory / "PG_VERSION").exists():
             subprocess.run(
                 _as_postgres_user(
@@ -116,6 +121,7 @@ class PostgresServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        log.close()  # the child keeps its copy; ours would leak (a ResourceWarning, an error here)
         wait_until(self._ready, 30, what=f"postgres on port {self.port}")
         return self
 
@@ -180,6 +186,8 @@ class RedisServer:
                 "--logfile",
                 str(self.directory / "redis.log"),
             ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         wait_until(lambda: port_open("127.0.0.1", self.port, 0.2), 10, what="redis")
@@ -276,8 +284,8 @@ def ensure(run_dir: Path) -> dict[str, str]:
 def main(argv: list[str]) -> None:
     if argv[1:2] != ["ensure"]:
         sys.exit("usage: python -m tests.support.servers ensure")
-    run_dir = PROJECT_ROOT / ".run"
-    run_dir.mkdir(exist_ok=True)
+    run_dir = Path(os.environ.get("RUN_DIR") or PROJECT_ROOT / ".run")
+    run_dir.mkdir(parents=True, exist_ok=True)
     env = ensure(run_dir)
     (run_dir / "env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     for key, value in env.items():
