@@ -27,6 +27,13 @@ broker_transport_options = {
     # Ping idle connections so a restarted Redis is noticed before a publish hits the dead socket.
     "health_check_interval": 10,
 }
+# How often a worker gives back messages unacknowledged past the visibility timeout (kombu's
+# default: about every 100 s). Only the fault suite sets it, to make redelivery storms happen.
+if os.environ.get("BROKER_UNACKED_RESTORE_INTERVAL"):
+    broker_transport_options.update(
+        unacked_restore_interval=_env_float("BROKER_UNACKED_RESTORE_INTERVAL", 10),
+        unacked_restore_throttle=1,
+    )
 broker_connection_timeout = BROKER_SOCKET_TIMEOUT
 broker_connection_retry_on_startup = True
 broker_pool_limit = int(os.environ.get("BROKER_POOL_LIMIT", 10))
@@ -64,13 +71,17 @@ worker_hijack_root_logger = False
 worker_send_task_events = True
 task_send_sent_event = True
 
-# The sweep hands over what the broker never got or lost. A copy that waited longer than one
-# interval in the queue is dropped: the next one is already on its way.
+# The sweep hands over what the broker never got or lost. It queues behind the escalations, so a
+# copy may wait as long as a burst's backlog: it must not expire after one interval, or every sweep
+# is dropped for as long as the backlog lasts and a killed worker's escalations stay lost meanwhile
+# (issue 4, scenario 11). One that waited longer than a minute is dropped (the next one is on its
+# way), so a long worker outage leaves a minute's worth of sweeps queued, not hours of them.
 ESCALATION_SWEEP_INTERVAL = _env_float("ESCALATION_SWEEP_INTERVAL", 5)
+ESCALATION_SWEEP_EXPIRES = max(60.0, 10 * ESCALATION_SWEEP_INTERVAL)
 beat_schedule = {
     "sweep-escalations": {
         "task": "escalations.sweep",
         "schedule": ESCALATION_SWEEP_INTERVAL,
-        "options": {"expires": ESCALATION_SWEEP_INTERVAL},
+        "options": {"expires": ESCALATION_SWEEP_EXPIRES},
     }
 }

@@ -16,9 +16,27 @@ keys = AppGroup("keys", help="Create, list and revoke API keys.")
 policy = AppGroup("policy", help="Check escalation policy files.")
 
 
+def _max_length(limit: int, allow_blank: bool):
+    """A click callback refusing what the api_keys columns cannot hold (instead of a SQL traceback)."""
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+        if not allow_blank and not value.strip():
+            raise click.BadParameter("must not be blank")
+        if len(value) > limit:
+            raise click.BadParameter(f"at most {limit} characters")
+        return value
+
+    return check
+
+
 @keys.command("create")
-@click.option("--tenant", required=True, help="The tenant whose incidents the key may see.")
-@click.option("--name", default="", help="What the key is for.")
+@click.option(
+    "--tenant",
+    required=True,
+    callback=_max_length(64, allow_blank=False),
+    help="The tenant whose incidents the key may see.",
+)
+@click.option("--name", default="", callback=_max_length(100, allow_blank=True), help="What the key is for.")
 @click.option("--scope", type=click.Choice([s.value for s in Scope]), default="write")
 def create_key(tenant: str, name: str, scope: str) -> None:
     """Create a key; the key itself is printed once, as the last line, and never stored."""

@@ -26,7 +26,13 @@ class IncidentApi(Api):
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}
         if "message" not in data:
-            error.data = {**data, "message": MESSAGES.get(error.code, error.description)}
+            data = {**data, "message": MESSAGES.get(error.code, error.description)}
+        # flask-smorest answers with only the headers passed to abort(): keep those Werkzeug's
+        # exception carries, such as Allow on a 405 (which HTTP requires).
+        carried = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
+        if carried:
+            data = {**data, "headers": {**carried, **data.get("headers", {})}}
+        error.data = data
         return super().handle_http_exception(error)
 
 

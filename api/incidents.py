@@ -7,7 +7,7 @@ import uuid
 from flask import current_app, g, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
-from marshmallow import ValidationError
+from marshmallow import RAISE, ValidationError
 from sqlalchemy import select, tuple_
 
 from api.auth import authenticate
@@ -48,7 +48,8 @@ def _find(incident_id: uuid.UUID) -> Incident:
 
 @blp.route("")
 class Incidents(MethodView):
-    @blp.arguments(IncidentListArgsSchema, location="query")
+    # A misspelt filter is an error, not a silently unfiltered list.
+    @blp.arguments(IncidentListArgsSchema, location="query", unknown=RAISE)
     @blp.response(200, IncidentPageSchema)
     def get(self, args):
         """List incidents, newest first (keyset pagination: pass next_cursor back as cursor)."""

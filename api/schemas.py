@@ -24,6 +24,9 @@ def _printable(single_line: bool):
     def check(value: str) -> None:
         if any(ch in forbidden for ch in value):
             raise ValidationError("Control characters are not allowed.")
+        # JSON may spell a lone surrogate ("\ud800"); it is not text and cannot be stored as UTF-8.
+        if any("\ud800" <= ch <= "\udfff" for ch in value):
+            raise ValidationError("Unpaired surrogates are not valid text.")
 
     return check
 
@@ -126,5 +129,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         if created.tzinfo is None:
             raise ValueError
         return created, uuid.UUID(incident_id)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    # AttributeError: uuid.UUID() given a number or a list, from a hand-made cursor.
+    except (ValueError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError):
         raise ValidationError("Invalid cursor.") from None

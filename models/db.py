@@ -41,7 +41,12 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 10
         pool_pre_ping=True,
         connect_args={
             "connect_timeout": 2,
-            "options": f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={statement_timeout_ms}",
+            # UTC whatever the server's or database's default time zone: timestamps leave the API
+            # as +00:00 on every machine.
+            "options": (
+                f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={statement_timeout_ms} "
+                "-c timezone=UTC"
+            ),
             # Notice a dead server on an open connection instead of waiting on TCP for minutes.
             "keepalives": 1,
             "keepalives_idle": 5,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ MAX_LEVELS = 20  # PagerDuty and Opsgenie stop around here; more is a typo, not 
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
 CHANNELS = ("in_app", "email", "sms", "webhook", "chat", "phone")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$", re.ASCII)
 UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
@@ -60,8 +61,9 @@ def parse_duration(text: Any) -> int:
     match = DURATION_RE.match(text.strip())
     if not match:
         raise ValueError(f"invalid duration {text!r}: use a number with ms, s, m or h, e.g. '5m'")
-    value = float(match.group(1)) * UNIT_MS[match.group(2)]
-    if value != int(value):
+    # Exact arithmetic: a float turns '1.001s' into 1000.9999999999999 ms and '1' * 400 into inf.
+    value = Fraction(match.group(1)) * UNIT_MS[match.group(2)]
+    if value.denominator != 1:
         raise ValueError(f"invalid duration {text!r}: below one millisecond")
     if value > MAX_DELAY_MS:
         raise ValueError(f"invalid duration {text!r}: longer than 7 days")
@@ -151,7 +153,8 @@ def load_policies(path: str | Path) -> PolicySet:
     """Read, parse and validate a policy file."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)  # never more: the file may be huge or endless
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
     if len(raw) > MAX_FILE_BYTES:

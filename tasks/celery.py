@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery, Task
+from celery.signals import worker_process_init
 from flask import Flask
 
 
@@ -20,5 +21,10 @@ def celery_init_app(app: Flask) -> Celery:
     # Register the tasks with this app (shared_task binds them to every app).
     import tasks.escalation  # noqa: F401
 
+    def fresh_pool(**_kwargs) -> None:
+        # A forked pool process must not share the parent's database connections.
+        app.extensions["db"].kw["bind"].dispose(close=False)
+
+    worker_process_init.connect(fresh_pool, weak=False)
     app.extensions["celery"] = celery_app
     return celery_app

@@ -69,30 +69,57 @@ def client(app):
     return app.test_client()
 
 
-@pytest.fixture(scope="session")
-def make_key(app):
-    """make_key(tenant, scope='write', revoked=False) -> the Authorization headers of a new key."""
+def insert_key(session_factory, tenant: str = "acme", scope: str = "write", revoked: bool = False) -> dict:
+    """Store a new API key and return its Authorization header (what `keys create` does)."""
+    from sqlalchemy import func
+
     from models.api_key import ApiKey, Scope, hash_key, new_key
 
-    def make(tenant: str = "acme", scope: str = "write", revoked: bool = False) -> dict[str, str]:
-        key, prefix = new_key()
-        with app.extensions["db"].begin() as session:
-            record = ApiKey(
+    key, prefix = new_key()
+    with session_factory.begin() as session:
+        session.add(
+            ApiKey(
                 id=uuid.uuid4(),
                 tenant=tenant,
                 name="test",
                 prefix=prefix,
                 secret_hash=hash_key(key),
                 scope=Scope(scope),
+                revoked_at=func.now() if revoked else None,
             )
-            session.add(record)
-            if revoked:
-                from sqlalchemy import func
+        )
+    return {"Authorization": f"Bearer {key}"}
 
-                record.revoked_at = func.now()
-        return {"Authorization": f"Bearer {key}"}
+
+@pytest.fixture(scope="session")
+def make_key(app):
+    """make_key(tenant, scope='write', revoked=False) -> the Authorization headers of a new key."""
+
+    def make(tenant: str = "acme", scope: str = "write", revoked: bool = False) -> dict[str, str]:
+        return insert_key(app.extensions["db"], tenant, scope, revoked)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def migrated_database():
+    """migrated_database(suffix) -> the URL of a new database with the schema, dropped at the end.
+
+    For tests whose worker must not share a database with the session's worker (its sweep would
+    deliver their escalations through the shared Redis)."""
+    created = []
+
+    def make(suffix: str) -> str:
+        name = f"{TEST_DB}_{suffix}"
+        servers.create_database(SERVER_URL, name)
+        url = servers.with_database(SERVER_URL, name)
+        command.upgrade(alembic_config(url), "head")
+        created.append(name)
+        return url
+
+    yield make
+    for name in created:
+        servers.drop_database(SERVER_URL, name)
 
 
 @pytest.fixture(scope="session")

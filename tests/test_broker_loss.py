@@ -9,6 +9,7 @@ import pytest
 import redis
 import requests
 
+from tests.conftest import insert_key
 from tests.support import processes
 from tests.support.servers import RedisServer
 from tests.support.waiting import eventually
@@ -17,15 +18,30 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def stack(process_env, tmp_path_factory, auth):
-    """A private Redis, and a web and a worker (with beat) that use it."""
+def db(migrated_database):
+    """This module's own database: the session's worker must not sweep its escalations."""
+    from models.db import make_engine, make_session_factory
+
+    factory = make_session_factory(make_engine(migrated_database("broker_loss"), pool_size=2))
+    yield factory
+    factory.kw["bind"].dispose()
+
+
+@pytest.fixture(scope="module")
+def stack(process_env, tmp_path_factory, db):
+    """A private Redis, and a web and a worker (with beat) that use it and this module's database."""
     directory = tmp_path_factory.mktemp("broker-loss")
     server = RedisServer(directory / "redis").start()
-    env = {**process_env, "REDIS_URL": server.url, "CELERY_QUEUE": "broker-loss"}
+    env = {
+        **process_env,
+        "DATABASE_URL": db.kw["bind"].url.render_as_string(hide_password=False),
+        "REDIS_URL": server.url,
+        "CELERY_QUEUE": "broker-loss",
+    }
     web = processes.web(env, directory, name="web-broker-loss").start()
     worker = processes.worker(env, directory, name="worker-broker-loss", beat=True).start()
     http = requests.Session()
-    http.headers.update(auth)
+    http.headers.update(insert_key(db))
     http.base = f"http://127.0.0.1:{web.port}"
     yield http, server, worker
     worker.stop()
@@ -54,13 +70,13 @@ def all_executed(http, ids, levels=3) -> bool:
     return all(statuses(http, i) == ["EXECUTED"] * levels for i in ids)
 
 
-def test_redis_flushed_while_escalations_are_pending(stack, app):
+def test_redis_flushed_while_escalations_are_pending(stack, db):
     http, server, worker = stack
     ids = new_escalating(http, 20)
     # The worker now holds the level-1 ETA tasks; Redis forgets everything.
     redis.Redis.from_url(server.url).flushall()
     eventually(lambda: all_executed(http, ids), timeout=30, interval=0.5)
-    with app.extensions["db"]() as session:
+    with db() as session:
         from sqlalchemy import text
 
         doubles = session.execute(
@@ -97,7 +113,7 @@ def test_redis_stopped_transitions_still_answer_and_escalations_run_when_it_is_b
     health = requests.get(f"{http.base}/health", timeout=5)
     assert health.status_code == 503 and health.json()["checks"]["broker"].startswith("unavailable")
     time.sleep(2)
-    assert all(statuses(http, i)[0] == "PENDING" for i in ids)
+    assert [statuses(http, i) for i in ids] == [["PENDING"]] * len(ids)
     server.start()
     eventually(lambda: all_executed(http, ids[:3], levels=1), timeout=30, interval=0.5)
     eventually(lambda: all_executed(http, ids[3:]), timeout=30, interval=0.5)

@@ -83,9 +83,14 @@ def upgrade() -> None:
         CREATE TRIGGER escalations_never_deleted BEFORE DELETE ON escalations
         FOR EACH ROW EXECUTE FUNCTION forbid_change()
     """)
+    op.execute("""
+        CREATE TRIGGER escalations_never_truncated BEFORE TRUNCATE ON escalations
+        FOR EACH STATEMENT EXECUTE FUNCTION forbid_change()
+    """)
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER escalations_never_truncated ON escalations")
     op.execute("DROP TRIGGER escalations_never_deleted ON escalations")
     op.drop_index(
         "ix_escalations_pending_scheduled_at",

@@ -1,0 +1,148 @@
+"""Concurrency: 50 conflicting transitions on one incident at once, through real HTTP (gunicorn with
+several processes and threads): the row lock lets exactly one win, the rest get 409, and exactly one
+transition is recorded."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from models.escalation import Escalation
+from models.incident import IncidentEvent
+
+N = 50
+ROUNDS = 3
+TARGET = {
+    "acknowledge": "ACKNOWLEDGED",
+    "escalate": "ESCALATING",
+    "resolve": "RESOLVED",
+    "cancel": "CANCELLED",
+}
+EVENT_TYPE = {
+    "acknowledge": "acknowledged",
+    "escalate": "escalated",
+    "resolve": "resolved",
+    "cancel": "cancelled",
+}
+
+# (state to start from, the 50 actions fired at once). Every mix is a real conflict: once any one
+# action has succeeded, every other one is refused.
+SCENARIOS = {
+    "open-resolve-vs-cancel": ("OPEN", ["resolve"] * 25 + ["cancel"] * 25),
+    "open-escalate-x50": ("OPEN", ["escalate"] * 50),
+    "open-acknowledge-x50": ("OPEN", ["acknowledge"] * 50),
+    "escalating-resolve-vs-cancel": ("ESCALATING", ["resolve"] * 25 + ["cancel"] * 25),
+    "acknowledged-resolve-vs-cancel": ("ACKNOWLEDGED", ["resolve", "cancel"] * 25),
+}
+PATH_TO = {"OPEN": [], "ESCALATING": ["escalate"], "ACKNOWLEDGED": ["acknowledge"]}
+
+
+@pytest.fixture(scope="module")
+def base(web):
+    return web
+
+
+@pytest.fixture(scope="module")
+def headers(make_key):
+    return make_key(f"conc-{uuid.uuid4().hex[:8]}")
+
+
+def prepare(base, headers, state) -> dict:
+    response = requests.post(
+        f"{base}/incidents", json={"title": "race", "policy": "slow"}, headers=headers, timeout=10
+    )
+    assert response.status_code == 201, response.text
+    incident = response.json()
+    for action in PATH_TO[state]:
+        response = requests.post(f"{base}/incidents/{incident['id']}/{action}", headers=headers, timeout=10)
+        assert response.status_code == 200, response.text
+        incident = response.json()
+    assert incident["state"] == state
+    return incident
+
+
+def fire(base, headers, incident_id, actions) -> list[tuple[str, requests.Response]]:
+    """Send every action at once (a barrier releases all threads together)."""
+    barrier = threading.Barrier(len(actions))
+
+    def one(action):
+        with requests.Session() as session:
+            session.headers.update(headers)
+            # Open the connection before the barrier so that the requests really arrive together.
+            session.get(f"{base}/health", timeout=10)
+            barrier.wait(timeout=30)
+            return action, session.post(f"{base}/incidents/{incident_id}/{action}", timeout=30)
+
+    with ThreadPoolExecutor(max_workers=len(actions)) as pool:
+        return list(pool.map(one, actions))
+
+
+def transition_events(app, incident_id) -> list[IncidentEvent]:
+    with app.extensions["db"]() as session:
+        return list(
+            session.scalars(
+                select(IncidentEvent)
+                .where(IncidentEvent.incident_id == uuid.UUID(incident_id), IncidentEvent.type != "created")
+                .order_by(IncidentEvent.id)
+            )
+        )
+
+
+@pytest.mark.parametrize("round_", range(ROUNDS))
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_fifty_conflicting_transitions_exactly_one_wins(app, base, headers, scenario, round_):
+    start, actions = SCENARIOS[scenario]
+    assert len(actions) == N
+    incident = prepare(base, headers, start)
+    before = transition_events(app, incident["id"])
+    results = fire(base, headers, incident["id"], actions)
+
+    statuses = Counter(response.status_code for _, response in results)
+    assert statuses == {200: 1, 409: N - 1}, statuses
+    [(winning_action, winner)] = [(a, r) for a, r in results if r.status_code == 200]
+    final_state = TARGET[winning_action]
+    assert winner.json()["state"] == final_state
+
+    # Every loser was told the state the winner left and which transition was refused.
+    for action, response in results:
+        if response.status_code != 409:
+            continue
+        body = response.json()
+        assert set(body) == {"code", "status", "message", "errors"}
+        assert (body["code"], body["status"]) == (409, "Conflict")
+        assert body["errors"] == {"state": [final_state]}
+        assert body["message"] == (
+            f"cannot {action} an incident that is {final_state} "
+            f"({final_state} -> {TARGET[action]} is not allowed)"
+        )
+
+    # Exactly one transition row was added, and it is the winner's.
+    after = transition_events(app, incident["id"])
+    added = after[len(before) :]
+    assert [(e.type, e.from_state.value, e.to_state.value) for e in added] == [
+        (EVENT_TYPE[winning_action], start, final_state)
+    ]
+    assert added[0].at.isoformat() == winner.json()["updated_at"]
+
+    # The incident as stored agrees.
+    current = requests.get(f"{base}/incidents/{incident['id']}", headers=headers, timeout=10).json()
+    assert current == winner.json()
+
+    with app.extensions["db"]() as session:
+        rows = session.scalars(
+            select(Escalation).where(Escalation.incident_id == uuid.UUID(incident["id"]))
+        ).all()
+    if scenario == "open-escalate-x50":
+        # One escalation started, not fifty.
+        assert [(r.escalation_level, r.status.value) for r in rows] == [(1, "PENDING")]
+    elif start == "ESCALATING":
+        assert [(r.escalation_level, r.status.value) for r in rows] == [(1, "CANCELLED")]
+        assert added[0].data == {"cancelled_escalations": 1}
+    else:
+        assert rows == []

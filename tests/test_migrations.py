@@ -1,0 +1,204 @@
+"""Migrations on a database of their own: upgrade head on an empty database, downgrade base and up
+again, every step both ways, no drift between the models and the migrations, exactly one head."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect, pool, text
+
+from models import Base
+from models.db import normalize_database_url
+from tests.conftest import SERVER_URL, alembic_config
+from tests.support import servers
+
+TABLES = {"incidents", "incident_events", "api_keys", "escalations"}
+
+
+@pytest.fixture(scope="module")
+def fresh_url():
+    """A database created for this module alone, dropped afterwards."""
+    name = f"incidents_migrations_{uuid.uuid4().hex[:8]}"
+    servers.create_database(SERVER_URL, name)
+    try:
+        yield servers.with_database(SERVER_URL, name)
+    finally:
+        servers.drop_database(SERVER_URL, name)
+
+
+@pytest.fixture(scope="module")
+def cfg(fresh_url):
+    return alembic_config(fresh_url)
+
+
+@pytest.fixture(scope="module")
+def db(fresh_url):
+    engine = create_engine(normalize_database_url(fresh_url), poolclass=pool.NullPool)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def script(cfg):
+    return ScriptDirectory.from_config(cfg)
+
+
+def tables(db) -> set[str]:
+    return set(inspect(db).get_table_names())
+
+
+def revision(db) -> str | None:
+    with db.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def triggers(db) -> set[tuple[str, str]]:
+    with db.connect() as conn:
+        return set(
+            conn.execute(
+                text(
+                    "SELECT tgname, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal "
+                    "ORDER BY tgname"
+                )
+            ).all()
+        )
+
+
+def functions(db) -> set[str]:
+    with db.connect() as conn:
+        return set(
+            conn.scalars(
+                text(
+                    "SELECT proname FROM pg_proc JOIN pg_namespace n ON n.oid = pronamespace "
+                    "WHERE nspname = 'public'"
+                )
+            )
+        )
+
+
+def test_exactly_one_head(script):
+    heads = script.get_heads()
+    assert heads == ["0002"]
+    # A straight line from base to head, each revision naming the one before.
+    chain = [rev.revision for rev in script.walk_revisions("base", "heads")]
+    assert chain == ["0002", "0001"]
+    assert script.get_revision("0001").down_revision is None
+    assert script.get_revision("0002").down_revision == "0001"
+    assert script.get_bases() == ["0001"]
+
+
+def test_upgrade_head_on_an_empty_database_then_down_to_base_and_up_again(cfg, db, script):
+    assert tables(db) == set()
+
+    command.upgrade(cfg, "head")
+    assert tables(db) == TABLES | {"alembic_version"}
+    assert revision(db) == script.get_current_head()
+    assert triggers(db) == {
+        ("incident_events_append_only", "incident_events"),
+        ("escalations_never_deleted", "escalations"),
+        ("incident_events_never_truncated", "incident_events"),
+        ("escalations_never_truncated", "escalations"),
+    }
+    assert functions(db) == {"forbid_change"}
+
+    command.downgrade(cfg, "base")
+    assert tables(db) == {"alembic_version"}
+    assert revision(db) is None
+    assert triggers(db) == set()
+    assert functions(db) == set()
+
+    command.upgrade(cfg, "head")
+    assert tables(db) == TABLES | {"alembic_version"}
+    assert revision(db) == "0002"
+
+
+def test_every_step_up_and_down(cfg, db, script):
+    """The stairway: each revision upgrades, downgrades and upgrades again from its predecessor."""
+    command.downgrade(cfg, "base")
+    revisions = [rev.revision for rev in reversed(list(script.walk_revisions("base", "heads")))]
+    expected_tables = {"0001": {"incidents", "incident_events", "api_keys"}, "0002": TABLES}
+    previous = "base"
+    for rev in revisions:
+        command.upgrade(cfg, rev)
+        assert revision(db) == rev
+        assert tables(db) - {"alembic_version"} == expected_tables[rev]
+        command.downgrade(cfg, previous)
+        assert revision(db) == (None if previous == "base" else previous)
+        command.upgrade(cfg, rev)
+        previous = rev
+    assert revision(db) == "0002"
+
+
+def test_upgrade_keeps_existing_rows(cfg, db):
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "0001")
+    incident_id = uuid.uuid4()
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO incidents (id, tenant, title, description, severity, state) "
+                "VALUES (:id, 'acme', 'kept', '', 'high', 'OPEN')"
+            ),
+            {"id": incident_id},
+        )
+    command.upgrade(cfg, "head")
+    with db.connect() as conn:
+        assert conn.scalar(text("SELECT title FROM incidents WHERE id = :id"), {"id": incident_id}) == "kept"
+        # And the new table takes rows that refer to it.
+        conn.execute(
+            text(
+                "INSERT INTO escalations (id, incident_id, escalation_level, status, notify, scheduled_at) "
+                "VALUES (:eid, :id, 1, 'PENDING', '[]', now())"
+            ),
+            {"eid": uuid.uuid4(), "id": incident_id},
+        )
+        conn.rollback()
+
+
+def test_no_drift_between_models_and_migrations(cfg, db):
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "head")
+    with db.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diffs == []
+    # The same through Alembic's own command (what `alembic check` runs): raises on any difference.
+    command.check(cfg)
+
+
+def test_drift_would_be_noticed(cfg, db):
+    """The drift check can fail: a column the models lack is reported."""
+    command.upgrade(cfg, "head")
+    with db.begin() as conn:
+        conn.execute(text("ALTER TABLE incidents ADD COLUMN stray integer"))
+    try:
+        with db.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert [(d[0], d[3].name) for d in diffs] == [("remove_column", "stray")]
+    finally:
+        with db.begin() as conn:
+            conn.execute(text("ALTER TABLE incidents DROP COLUMN stray"))
+
+
+def test_constraints_as_the_models_name_them(cfg, db):
+    command.upgrade(cfg, "head")
+    insp = inspect(db)
+    assert insp.get_pk_constraint("escalations")["name"] == "pk_escalations"
+    assert {u["name"]: u["column_names"] for u in insp.get_unique_constraints("escalations")} == {
+        "uq_escalations_incident_id_escalation_level": ["incident_id", "escalation_level"]
+    }
+    indexes = {i["name"]: i for i in insp.get_indexes("escalations")}
+    assert indexes["ix_escalations_pending_scheduled_at"]["column_names"] == ["scheduled_at"]
+    assert "status" in indexes["ix_escalations_pending_scheduled_at"]["dialect_options"]["postgresql_where"]
+    assert {fk["name"] for fk in insp.get_foreign_keys("incident_events")} == {
+        "fk_incident_events_incident_id_incidents"
+    }
+    # Enums are strings with CHECK constraints, not native Postgres enums.
+    with db.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM pg_type WHERE typtype = 'e'")) == 0
+    checks = {c["name"] for c in insp.get_check_constraints("incidents")}
+    assert {"ck_incidents_severity", "ck_incidents_incident_state"} <= checks
