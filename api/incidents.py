@@ -77,17 +77,25 @@ class Incidents(MethodView):
 
     @blp.arguments(IncidentCreateSchema)
     @blp.response(201, IncidentSchema)
+    @blp.alt_response(
+        200,
+        schema=IncidentSchema,
+        description="An active incident with the same dedup_key exists: reported again, not duplicated",
+    )
     def post(self, data):
-        """Report an incident (state OPEN)."""
+        """Report an incident (state OPEN), or report an active one with the same dedup_key again."""
         if data["policy"] is not None and data["policy"] not in current_app.extensions["policies"].policies:
             abort(422, errors={"json": {"policy": [f"Unknown policy {data['policy']!r}."]}})
         session = db_session()
-        incident = Incident(id=uuid.uuid4(), tenant=g.api_key.tenant, **data)
-        session.add(incident)
-        session.flush()  # INSERT ... RETURNING created_at: the timeline entry shares it
-        engine.record_event(session, incident, "created", incident.created_at, actor=g.api_key.id)
+        incident, created = engine.report(
+            session, Incident(id=uuid.uuid4(), tenant=g.api_key.tenant, **data), actor=g.api_key.id
+        )
         session.commit()
-        return incident, {"Location": url_for("incidents.Incident", incident_id=incident.id)}
+        return (
+            incident,
+            201 if created else 200,
+            {"Location": url_for("incidents.Incident", incident_id=incident.id)},
+        )
 
 
 @blp.route("/<uuid:incident_id>", endpoint="Incident")

@@ -39,6 +39,14 @@ class IncidentCreateSchema(Schema):
         load_default="", validate=[validate.Length(max=10_000), _printable(single_line=False)]
     )
     severity = fields.String(load_default="high", validate=validate.OneOf(SEVERITIES))
+    dedup_key = fields.String(
+        load_default=None,
+        validate=[validate.Length(min=1, max=255), _printable(single_line=True)],
+        metadata={
+            "description": "While an incident with this key is active (not resolved or cancelled), "
+            "reporting it again returns that incident (200) and adds to its timeline"
+        },
+    )
     policy = fields.String(
         load_default=None,
         metadata={"description": "Escalation policy name from policy.yaml (default policy if absent)"},
@@ -59,6 +67,7 @@ class IncidentSchema(Schema):
     severity = fields.String(dump_only=True)
     state = fields.Enum(State, dump_only=True)
     policy = fields.String(dump_only=True, allow_none=True)
+    dedup_key = fields.String(dump_only=True, allow_none=True)
     created_at = fields.AwareDateTime(dump_only=True)
     updated_at = fields.AwareDateTime(dump_only=True)
     acknowledged_at = fields.AwareDateTime(dump_only=True, allow_none=True)

@@ -9,14 +9,16 @@ always incident, then escalation: the API and the worker take it the same way, s
 from __future__ import annotations
 
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.escalation import Escalation, EscalationStatus
-from models.incident import Incident, IncidentEvent
+from models.incident import ACTIVE_STATES, DEDUP_INDEX, Incident, IncidentEvent
 from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, Action, State, next_state
 from models.policy import PolicySet
 
@@ -65,6 +67,46 @@ def lock_incident(session: Session, incident_id: uuid.UUID, tenant: str | None =
     if tenant is not None:
         stmt = stmt.where(Incident.tenant == tenant)
     return session.scalars(stmt).one_or_none()
+
+
+def report(session: Session, incident: Incident, *, actor: uuid.UUID) -> tuple[Incident, bool]:
+    """Insert a new incident with its 'created' entry; or, when an active incident of the tenant has
+    the same dedup_key, add 'reported_again' to that one's timeline instead. Returns (incident, created).
+
+    The partial unique index decides, so however many reports race, one incident is opened.
+    """
+    while True:
+        try:
+            # A savepoint only where a conflict is possible: it costs two round trips.
+            with session.begin_nested() if incident.dedup_key else nullcontext():
+                session.add(incident)
+                session.flush()  # INSERT ... RETURNING created_at: the timeline entry shares it
+        except IntegrityError as exc:
+            if exc.orig.diag.constraint_name != DEDUP_INDEX:
+                raise
+            existing = session.scalars(
+                select(Incident)
+                .where(
+                    Incident.tenant == incident.tenant,
+                    Incident.dedup_key == incident.dedup_key,
+                    Incident.state.in_(ACTIVE_STATES),
+                )
+                .with_for_update()
+            ).one_or_none()
+            if existing is None:
+                continue  # resolved or cancelled meanwhile: the key is free again
+            record_event(
+                session,
+                existing,
+                "reported_again",
+                db_now(session),
+                actor=actor,
+                from_state=existing.state,
+                data={"title": incident.title, "severity": incident.severity},
+            )
+            return existing, False
+        record_event(session, incident, "created", incident.created_at, actor=actor)
+        return incident, True
 
 
 def _hand_over(escalation: Escalation, now: datetime, outbox: Outbox, task_id: str | None = None):
@@ -245,6 +287,11 @@ def sweep(session: Session, settings: EngineSettings, outbox: Outbox) -> tuple[i
     """Hand over one batch of PENDING escalations due within the horizon that have no delivery in
     flight: never handed over, or handed over and now overdue past the grace (the broker lost them).
 
+    A row handed over again when it was already overdue by d is handed over once more only after
+    another d (at least the grace): overdue by g, 2g, 4g... Without that backoff, a queue whose
+    wait exceeds the grace got one more copy of every waiting row at each sweep; the copies, each a
+    full task run, starved the real work and the backlog never drained (issue 4, scenario 3).
+
     SKIP LOCKED: two sweeps at once take disjoint rows, and rows a worker is executing are skipped.
     Returns (rows handed over, of which already overdue).
     """
@@ -260,6 +307,7 @@ def sweep(session: Session, settings: EngineSettings, outbox: Outbox) -> tuple[i
                 and_(
                     Escalation.published_at < grace_cutoff,
                     Escalation.scheduled_at < grace_cutoff,
+                    Escalation.published_at - Escalation.scheduled_at < now - Escalation.published_at,
                 ),
             ),
         )

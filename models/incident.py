@@ -6,11 +6,15 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Enum, ForeignKey, Index, String, Text, func
+from sqlalchemy import BigInteger, DateTime, Enum, ForeignKey, Index, String, Text, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base, JSONType
-from models.lifecycle import State
+from models.lifecycle import TERMINAL, State
+
+# The states in which an incident still needs someone: a dedup key names at most one of them.
+ACTIVE_STATES = tuple(state for state in State if state not in TERMINAL)
+DEDUP_INDEX = "uq_incidents_active_dedup_key"
 
 SEVERITIES = ("critical", "high", "medium", "low")
 
@@ -39,6 +43,9 @@ class Incident(Base):
         default="high",
     )
     state: Mapped[State] = mapped_column(_enum(State, "incident_state"), default=State.OPEN)
+    # The reporter's key for "the same problem" (an alert rule, a check id): while an incident with
+    # this key is active, reporting it again adds to its timeline instead of opening another.
+    dedup_key: Mapped[str | None] = mapped_column(String(255))
     # The policy named at creation (None: the default one at the time of escalation).
     policy: Mapped[str | None] = mapped_column(String(64))
     # The levels copied from the policy when escalation started: later edits of policy.yaml
@@ -55,6 +62,17 @@ class Incident(Base):
         # The listing: one tenant's incidents, newest first, keyset-paginated, optionally by state.
         Index("ix_incidents_tenant_created", "tenant", "created_at", "id"),
         Index("ix_incidents_tenant_state_created", "tenant", "state", "created_at", "id"),
+        Index(
+            DEDUP_INDEX,
+            "tenant",
+            "dedup_key",
+            unique=True,
+            postgresql_where=text(
+                "dedup_key IS NOT NULL AND state IN ({})".format(
+                    ", ".join(f"'{state.value}'" for state in ACTIVE_STATES)
+                )
+            ),
+        ),
     )
 
 

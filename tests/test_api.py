@@ -34,6 +34,7 @@ INCIDENT_FIELDS = {
     "severity",
     "state",
     "policy",
+    "dedup_key",
     "created_at",
     "updated_at",
     "acknowledged_at",
@@ -534,7 +535,13 @@ def test_openapi_document_describes_the_whole_api(client):
     assert spec["components"]["securitySchemes"] == {"bearerAuth": {"type": "http", "scheme": "bearer"}}
     schemas = spec["components"]["schemas"]
     assert set(schemas["Incident"]["properties"]) == INCIDENT_FIELDS
-    assert set(schemas["IncidentCreate"]["properties"]) == {"title", "description", "severity", "policy"}
+    assert set(schemas["IncidentCreate"]["properties"]) == {
+        "title",
+        "description",
+        "severity",
+        "policy",
+        "dedup_key",
+    }
     assert schemas["IncidentCreate"]["required"] == ["title"]
 
 
@@ -1352,3 +1359,51 @@ def test_unknown_query_parameter_is_refused(client, tenant):
     response = client.get("/incidents?stat=OPEN", headers=tenant)
     assert response.status_code == 422
     assert response.json["errors"] == {"query": {"stat": ["Unknown field."]}}
+
+
+# --- deduplication ---------------------------------------------------------------------------------
+
+
+def test_dedup_key_reports_an_active_incident_again_instead_of_opening_another(client, tenant):
+    first = client.post("/incidents", json={"title": "disk 91%", "dedup_key": "disk:/var"}, headers=tenant)
+    assert first.status_code == 201
+    again = client.post(
+        "/incidents",
+        json={"title": "disk 97%", "severity": "critical", "dedup_key": "disk:/var"},
+        headers=tenant,
+    )
+    assert again.status_code == 200
+    assert again.json["id"] == first.json["id"] and again.json["title"] == "disk 91%"
+    assert again.headers["Location"].endswith(f"/incidents/{first.json['id']}")
+    timeline = events(client, tenant, first.json["id"])
+    assert [(e["type"], e["from_state"], e["to_state"]) for e in timeline] == [
+        ("created", None, "OPEN"),
+        ("reported_again", "OPEN", "OPEN"),
+    ]
+    assert timeline[1]["data"] == {"title": "disk 97%", "severity": "critical"}
+    # Another key, and no key at all, open new incidents.
+    other = client.post("/incidents", json={"title": "disk 91%", "dedup_key": "disk:/home"}, headers=tenant)
+    plain = client.post("/incidents", json={"title": "disk 91%"}, headers=tenant)
+    assert other.status_code == plain.status_code == 201
+
+
+def test_dedup_key_is_free_again_once_the_incident_is_resolved_and_is_per_tenant(client, tenant, make_key):
+    first = client.post("/incidents", json={"title": "t", "dedup_key": "k-resolve"}, headers=tenant).json
+    act(client, tenant, first["id"], "escalate")
+    assert (
+        client.post("/incidents", json={"title": "t", "dedup_key": "k-resolve"}, headers=tenant).status_code
+        == 200
+    )
+    act(client, tenant, first["id"], "resolve")
+    second = client.post("/incidents", json={"title": "t", "dedup_key": "k-resolve"}, headers=tenant)
+    assert second.status_code == 201 and second.json["id"] != first["id"]
+    elsewhere = client.post(
+        "/incidents", json={"title": "t", "dedup_key": "k-resolve"}, headers=make_key("other-t")
+    )
+    assert elsewhere.status_code == 201 and elsewhere.json["id"] not in (first["id"], second.json["id"])
+
+
+def test_dedup_key_validation(client, tenant):
+    for bad in ("", "x" * 256, "a\x00b", "line\nbreak"):
+        response = client.post("/incidents", json={"title": "t", "dedup_key": bad}, headers=tenant)
+        assert response.status_code == 422 and "dedup_key" in response.json["errors"]["json"], bad

@@ -146,3 +146,24 @@ def test_fifty_conflicting_transitions_exactly_one_wins(app, base, headers, scen
         assert added[0].data == {"cancelled_escalations": 1}
     else:
         assert rows == []
+
+
+def test_fifty_concurrent_reports_with_one_dedup_key_open_one_incident(base, headers):
+    """The partial unique index decides: one 201, 49 reports of that same incident (200)."""
+    key = f"race-{uuid.uuid4().hex[:8]}"
+    barrier = threading.Barrier(N)
+
+    def report(_):
+        barrier.wait()
+        return requests.post(
+            f"{base}/incidents", json={"title": "race", "dedup_key": key}, headers=headers, timeout=30
+        )
+
+    with ThreadPoolExecutor(N) as pool:
+        responses = list(pool.map(report, range(N)))
+    assert Counter(r.status_code for r in responses) == {201: 1, 200: N - 1}
+    assert len({r.json()["id"] for r in responses}) == 1
+    timeline = requests.get(
+        f"{base}/incidents/{responses[0].json()['id']}/events", headers=headers, timeout=10
+    ).json()["items"]
+    assert Counter(e["type"] for e in timeline) == {"created": 1, "reported_again": N - 1}
