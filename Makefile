@@ -46,6 +46,14 @@ test: services
 faults: services
 	@$(LOAD_ENV); $(BIN)/pytest -m faults $(PYTEST_ARGS)
 
+# The fault suite, then docs/RELIABILITY.md written from that very run (figures, machine, versions).
+reliability: services
+	@$(LOAD_ENV); rows=$$(mktemp); start=$$(date +%s); status=0; \
+	  RELIABILITY_REPORT=$$rows $(BIN)/pytest -m faults $(PYTEST_ARGS) || status=$$?; \
+	  $(BIN)/python -m tests.faults.report $$rows docs/RELIABILITY.md --wall $$(( $$(date +%s) - start )) \
+	    --extra tests/faults/findings.md; \
+	  rm -f $$rows; exit $$status
+
 bench: services
 	@$(LOAD_ENV); $(BIN)/python -m bench.run $(BENCH_ARGS)
 
