@@ -1,0 +1,207 @@
+"""Postgres restarted under load, resolve racing with execution, 50 conflicting transitions on one
+incident, and two beats with two workers."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from models.lifecycle import ALLOWED, TARGET, Action, State
+from tests.faults.stack import scale, verdict
+
+pytestmark = pytest.mark.faults
+
+NORMAL_BOUND_S = 15
+
+
+def test_s6_postgres_restarted_under_load(make_stack):
+    seconds = scale("s6_seconds", 12)
+    outage_s = 3.0
+    stack = make_stack()
+    web, worker, beat = stack.web(), stack.worker(), stack.beat()
+    stack.start(web, worker, beat)
+    api = stack.client(web)
+    stop = threading.Event()
+    rng = random.Random(6)
+
+    def client():
+        while not stop.is_set():
+            incident_id = api.create()
+            if incident_id is None:
+                time.sleep(0.1)
+                continue
+            if api.act(incident_id, "escalate").status == 200 and rng.random() < 0.3:
+                api.act(incident_id, "resolve")
+            api.call("GET", f"/incidents/{incident_id}")
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds / 3)
+    outage_started = time.monotonic()
+    stack.pg.stop()  # fast shutdown: every connection of web, worker and beat is cut
+    time.sleep(outage_s)
+    stack.pg.start()
+    outage = time.monotonic() - outage_started
+    time.sleep(seconds * 2 / 3)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    # Full recovery: every new request succeeds again.
+    after = [api.create() for _ in range(20)]
+    recovered = all(after) and all(api.act(i, "escalate").status == 200 for i in after)
+    waited = stack.settle(90)
+    figures = stack.check(lateness_bound_s=30, response_bound_s=8)
+    unavailable = figures.statuses.get("503", 0)
+    verdict(
+        "6. Postgres restarted under load",
+        f"Postgres stopped (fast shutdown) for {outage:.1f} s while 6 clients created, escalated, "
+        "resolved and read incidents; workers and beat cut off too",
+        figures,
+        settled_s=round(waited, 1),
+        answered_503=unavailable,
+        recovered=recovered,
+    )
+    assert unavailable > 0, "the outage was not seen: no 503"
+    assert recovered, "requests after the restart did not all succeed"
+
+
+def test_s7_resolve_races_the_level_falling_due(make_stack):
+    n = scale("s7_incidents", 300)
+    policy = """\
+default_policy: race
+policies:
+  race:
+    levels:
+      - {delay: 8s, notify: [in_app]}
+      - {delay: 1s, notify: [email]}
+"""
+    stack = make_stack(policy=policy)
+    web, w1, w2, beat = stack.web(), stack.worker("w1"), stack.worker("w2"), stack.beat()
+    stack.start(web, w1, w2, beat)
+    api = stack.client(web)
+    ids = stack.open_incidents(n, escalate=False, threads=16)
+    with ThreadPoolExecutor(16) as pool:  # all of them escalate within a few seconds: level 1 is 8 s
+        list(pool.map(lambda i: api.act(i, "escalate"), ids))
+    due = dict(
+        (str(incident_id), scheduled.timestamp())
+        for incident_id, scheduled in stack.sql(
+            "SELECT incident_id, scheduled_at FROM escalations WHERE escalation_level = 1"
+        )
+    )
+    rng = random.Random(7)
+
+    def resolve_at(incident_id):
+        # Sent so as to arrive at the very moment level 1 falls due (on the same machine's clock):
+        # a request takes some tens of milliseconds to reach its transaction, so from 250 ms before
+        # to 50 ms after; either the execution or the transition takes the incident's lock first.
+        delay = due[incident_id] + rng.uniform(-0.25, 0.05) - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        return api.act(incident_id, rng.choice(["resolve", "acknowledge", "cancel"]))
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(resolve_at, sorted(ids, key=due.get)))
+    waited = stack.settle(60)
+    outcome = Counter(
+        status for (status,) in stack.sql("SELECT status FROM escalations WHERE escalation_level = 1")
+    )
+    figures = stack.check(lateness_bound_s=NORMAL_BOUND_S)
+    verdict(
+        "7. resolve races the level falling due",
+        f"{len(answers)} incidents resolved, acknowledged or cancelled as their level 1 fell due "
+        "(sent 250 ms before to 50 ms after), two workers executing",
+        figures,
+        settled_s=round(waited, 1),
+        level1_executed_first=outcome["EXECUTED"],
+        level1_cancelled_first=outcome["CANCELLED"],
+    )
+    assert all(a.status == 200 for a in answers)
+    # The race was run: both sides won it many times.
+    assert outcome["EXECUTED"] > n // 20 and outcome["CANCELLED"] > n // 20, outcome
+
+
+def test_s8_fifty_concurrent_conflicting_transitions(make_stack):
+    m = scale("s8_incidents", 30)
+    k = 50
+    stack = make_stack()
+    web, worker, beat = stack.web(threads=8), stack.worker(), stack.beat()
+    stack.start(web, worker, beat)
+    api = stack.client(web)
+    rng = random.Random(8)
+    actions = [a.value for a in Action]
+    won: dict[str, list[dict]] = {}
+    with ThreadPoolExecutor(k) as pool:
+        for index in range(m):
+            incident_id = api.create()
+            if index % 2:
+                api.act(incident_id, "escalate")  # half of them race while escalating
+            barrier = threading.Barrier(k)
+
+            def race(action, incident_id=incident_id, barrier=barrier):
+                barrier.wait()
+                return action, api.act(incident_id, action)
+
+            results = list(pool.map(race, [rng.choice(actions) for _ in range(k)]))
+            won[incident_id] = [
+                {"action": a, "state": r.json_body["state"], "updated_at": r.json_body["updated_at"]}
+                for a, r in results
+                if r.status == 200
+            ]
+            for action, r in results:
+                if r.status == 409:
+                    # A refusal names the state that refused it, and that state does refuse it.
+                    refused_in = State(r.json_body["errors"]["state"][0])
+                    assert TARGET[Action(action)] not in ALLOWED[refused_in], (action, refused_in)
+    waited = stack.settle(60)
+    figures = stack.check(lateness_bound_s=NORMAL_BOUND_S, allowed_statuses=frozenset({200, 201, 409}))
+    # Each 200 is exactly one transition event, in the order the answers' timestamps say.
+    events = stack.sql(
+        "SELECT incident_id::text, to_state, at FROM incident_events "
+        "WHERE type NOT IN ('created', 'escalation_executed') ORDER BY id"
+    )
+    by_incident: dict[str, list] = {}
+    for incident_id, to_state, _at in events:
+        by_incident.setdefault(incident_id, []).append(to_state)
+    for incident_id, wins in won.items():
+        expected = [w["state"] for w in sorted(wins, key=lambda w: w["updated_at"])]
+        recorded = by_incident.get(incident_id, [])
+        escalated_first = recorded[:1] == ["ESCALATING"] and expected[:1] != ["ESCALATING"]
+        if escalated_first:
+            recorded = recorded[1:]
+        if recorded != expected:
+            figures.violate(f"[8] incident {incident_id}: 200 answers {expected} but events {recorded}")
+    verdict(
+        "8. 50 concurrent conflicting transitions",
+        f"{k} concurrent random transitions on each of {m} incidents (half of them escalating)",
+        figures,
+        settled_s=round(waited, 1),
+        transitions_won=sum(len(w) for w in won.values()),
+    )
+
+
+def test_s10_two_beats_and_two_workers(make_stack):
+    n = scale("s10_incidents", 250)
+    # A horizon shorter than every delay: every level is handed over by a sweep, and two beats run
+    # the sweeps, twice as often and at the same time.
+    stack = make_stack(ESCALATION_ETA_HORIZON="0.5")
+    web = stack.web()
+    w1, w2, b1, b2 = stack.worker("w1"), stack.worker("w2"), stack.beat("b1"), stack.beat("b2")
+    stack.start(web, w1, w2, b1, b2)
+    stack.client(web)
+    stack.open_incidents(n)
+    waited = stack.settle(60)
+    figures = stack.check(lateness_bound_s=NORMAL_BOUND_S)
+    sweeps = sum(text.count("escalations.sweep[") for text in stack.worker_logs()) // 2
+    verdict(
+        "10. two beats and two workers",
+        "two beat processes and two workers; every level handed over by a sweep (horizon 0.5 s)",
+        figures,
+        settled_s=round(waited, 1),
+        sweeps=sweeps,
+    )

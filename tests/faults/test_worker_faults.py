@@ -1,0 +1,145 @@
+"""Workers dying: kill -9 with hundreds of escalations due, kill -9 inside the executing
+transaction, and workers killed every few seconds while thousands of escalations flow."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from tests.faults.stack import scale, verdict
+from tests.support.servers import wait_until
+
+pytestmark = pytest.mark.faults
+
+# A level due while its worker was dead runs at the latest after the redelivery grace (2 s), the next
+# sweep (1 s) and the worker's restart (a few seconds on a busy 2-core machine), behind whatever
+# backlog built up meanwhile (hundreds of levels due in the same seconds drain at a few dozen a
+# second here). The bounds each scenario states:
+KILL_BOUND_S = 20  # the only worker killed and restarted
+CHURN_BOUND_S = 15  # one of two workers killed at a time: the other one and the sweep carry on
+HELD_BOUND_S = 30  # scenario 2 holds the rows locked for seconds on purpose, twice
+
+
+def test_s1_worker_killed_while_hundreds_are_due(make_stack):
+    n = scale("s1_incidents", 200)
+    stack = make_stack()
+    web, worker, beat = stack.web(), stack.worker(), stack.beat()
+    stack.start(web, worker, beat)
+    stack.client(web)
+    ids = stack.open_incidents(n)
+    held = stack.pending()
+    worker.kill()  # kill -9 the worker and its pool: every ETA task it held dies with it
+    time.sleep(1)
+    worker.start()
+    waited = stack.settle(90)
+    figures = stack.check(lateness_bound_s=KILL_BOUND_S)
+    verdict(
+        "1. worker kill -9 with hundreds due",
+        f"kill -9 of the only worker holding {held} PENDING escalations due within 2 s; restarted 1 s later",
+        figures,
+        settled_s=round(waited, 1),
+        incidents_created=len(ids),
+    )
+
+
+def _stuck_in_execute(stack) -> int:
+    """Worker transactions that hold their incident's lock and wait for the escalation row's."""
+    return stack.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query ILIKE '%FROM escalations%FOR UPDATE%' AND query NOT ILIKE '%SKIP LOCKED%'"
+    )[0][0]
+
+
+def test_s2_worker_killed_inside_the_executing_transaction(make_stack):
+    n = scale("s2_incidents", 200)
+    stack = make_stack()
+    web, w1, w2, beat = stack.web(), stack.worker("w1"), stack.worker("w2"), stack.beat()
+    stack.start(web, w1, w2, beat)
+    stack.client(web)
+    stack.open_incidents(n)
+    rounds, in_flight = 2, []
+    for _ in range(rounds):
+        # Hold every PENDING escalation's row lock: a worker executing one has locked the incident
+        # and waits inside its transaction for ours. kill -9 it there, then let go.
+        holder = psycopg2.connect(stack.database_url)
+        with holder.cursor() as cur:
+            cur.execute("SELECT id FROM escalations WHERE status = 'PENDING' FOR UPDATE")
+        wait_until(lambda: _stuck_in_execute(stack) >= 4, 30, what="workers blocked inside execute()")
+        in_flight.append(_stuck_in_execute(stack))
+        w1.kill()
+        w2.kill()
+        time.sleep(0.5)
+        holder.rollback()  # the dead workers' backends get their row, cannot answer, roll back
+        holder.close()
+        stack.start(w1, w2)
+        time.sleep(2)
+    waited = stack.settle(90)
+    figures = stack.check(lateness_bound_s=HELD_BOUND_S)
+    verdict(
+        "2. worker kill -9 inside the transaction",
+        f"both workers kill -9 while {in_flight} executions had locked their incident and not committed "
+        f"({rounds} rounds)",
+        figures,
+        settled_s=round(waited, 1),
+    )
+
+
+def test_s11_workers_killed_every_few_seconds(make_stack):
+    seconds = scale("s11_seconds", 15)
+    rate = scale("s11_rate", 10)  # incidents escalated per second
+    kill_every = float(scale("s11_kill_every", 3))
+    stack = make_stack()
+    web, w1, w2, beat = stack.web(), stack.worker("w1"), stack.worker("w2"), stack.beat()
+    stack.start(web, w1, w2, beat)
+    api = stack.client(web)
+    stop = threading.Event()
+    kills = 0
+    rng = random.Random(11)
+
+    def load():
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            started = time.monotonic()
+            sent = 0
+            while not stop.is_set():
+                due = int((time.monotonic() - started) * rate)
+                for _ in range(due - sent):
+                    pool.submit(one)
+                sent = max(sent, due)
+                time.sleep(0.05)
+
+    def one():
+        incident_id = api.create()
+        if incident_id and api.act(incident_id, "escalate").status == 200 and rng.random() < 0.25:
+            # A quarter are resolved or acknowledged while their levels are in flight.
+            time.sleep(rng.uniform(0.5, 4))
+            api.act(incident_id, rng.choice(["resolve", "acknowledge"]))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    deadline = time.monotonic() + seconds
+    victims = [w1, w2]
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(kill_every)
+            victim = victims[kills % 2]
+            victim.kill()
+            kills += 1
+            victim.start()
+    finally:
+        stop.set()
+        loader.join()
+    waited = stack.settle(120)
+    figures = stack.check(lateness_bound_s=CHURN_BOUND_S)
+    verdict(
+        "11. worker kill -9 every few seconds",
+        f"{kills} kill -9s of one of two workers, one every {kill_every:g} s (plus its restart) for "
+        f"{seconds} s, while {rate} incidents/s escalated and a quarter were resolved or acknowledged",
+        figures,
+        settled_s=round(waited, 1),
+    )

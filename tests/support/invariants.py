@@ -1,0 +1,346 @@
+"""The invariant checker: reads `incidents`, `escalations` and `incident_events` after a scenario and
+checks, on every incident, what the product promises (issue 4):
+
+1. At most one EXECUTED escalation per (incident, level), and at most one next level per execution.
+2. Every incident still ESCALATING has all its due levels EXECUTED (none lost), within the bound.
+3. No escalation EXECUTED at or after the moment its incident left ESCALATING; every PENDING
+   escalation of an incident that left ESCALATING is CANCELLED.
+4. The incident's state sequence in `incident_events` is a valid path of the state machine, one event
+   per transition, with no gaps.
+5. Every request got an answer in bounded time: a valid response, a 409, or a 503 JSON error.
+
+It never stops at the first violation: it returns Figures (counts, worst lateness, every violation
+found) so a failing scenario says how bad it was, and the report can print them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import psycopg2
+import psycopg2.extras
+
+from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, State, is_valid_path
+
+EXECUTING_LINE = re.compile(r"EXECUTING level (\d+) for incident (\S+) \(escalation ([0-9a-f-]{36})")
+TRANSITION_TYPES = {"created", *EVENT_TYPE.values()}
+# A level is due at scheduled_at; its next level is created in the same transaction, so their
+# timestamps agree to the microsecond. Allow for rounding only.
+EPSILON = timedelta(milliseconds=1)
+
+
+@dataclass
+class RequestRecord:
+    """One HTTP request a scenario made, and what came of it (invariant 5)."""
+
+    method: str
+    path: str
+    elapsed_s: float
+    status: int | None = None  # None: no answer (timeout, connection error)
+    error: str | None = None
+    json_body: dict | None = None
+    text: str = ""
+
+
+@dataclass
+class Figures:
+    incidents: int = 0
+    escalations: int = 0
+    executed: int = 0
+    cancelled: int = 0
+    pending: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    executed_after_leave: int = 0
+    worst_lateness_s: float = 0.0
+    p99_lateness_s: float = 0.0
+    requests: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    worst_response_s: float = 0.0
+    violations: list[str] = field(default_factory=list)
+    violation_count: int = 0
+
+    MAX_LISTED = 40
+
+    def violate(self, text: str) -> None:
+        self.violation_count += 1
+        if len(self.violations) < self.MAX_LISTED:
+            self.violations.append(text)
+
+    @property
+    def ok(self) -> bool:
+        return self.violation_count == 0
+
+    def as_dict(self) -> dict:
+        return {
+            "incidents": self.incidents,
+            "escalations": self.escalations,
+            "executed": self.executed,
+            "cancelled": self.cancelled,
+            "pending": self.pending,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "executed_after_leave": self.executed_after_leave,
+            "worst_lateness_s": round(self.worst_lateness_s, 3),
+            "p99_lateness_s": round(self.p99_lateness_s, 3),
+            "requests": self.requests,
+            "statuses": dict(sorted(self.statuses.items())),
+            "worst_response_s": round(self.worst_response_s, 3),
+            "violations": self.violation_count,
+        }
+
+    def summary(self) -> str:
+        head = ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+        if self.ok:
+            return head
+        more = self.violation_count - len(self.violations)
+        listed = "\n  ".join(self.violations)
+        return f"{head}\n  {listed}" + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def _load(database_url: str):
+    conn = psycopg2.connect(database_url, connect_timeout=5)
+    try:
+        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            # One snapshot for all three tables and the clock.
+            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur.execute("SELECT now() AS now")
+            now = cur.fetchone()["now"]
+            cur.execute(
+                "SELECT id, state, policy_levels, escalated_at, acknowledged_at, resolved_at, cancelled_at"
+                " FROM incidents"
+            )
+            incidents = cur.fetchall()
+            cur.execute(
+                "SELECT id, incident_id, escalation_level, status, scheduled_at, executed_at, created_at,"
+                " updated_at FROM escalations"
+            )
+            escalations = cur.fetchall()
+            cur.execute(
+                "SELECT id, incident_id, type, from_state, to_state, at, data"
+                " FROM incident_events ORDER BY id"
+            )
+            events = cur.fetchall()
+            cur.execute("COMMIT")
+    finally:
+        conn.close()
+    return now, incidents, escalations, events
+
+
+def check(
+    database_url: str,
+    *,
+    lateness_bound_s: float,
+    requests: list[RequestRecord] = (),
+    response_bound_s: float = 5.0,
+    allowed_statuses: frozenset[int] = frozenset({200, 201, 409, 503}),
+    logs: list[str] = (),
+) -> Figures:
+    """Check invariants 1-5 on every incident of the database; return the figures.
+
+    lateness_bound_s: the longest an escalation may run after it was due (or stay PENDING past its
+    due time while its incident escalates) before it counts as lost. logs: worker log texts; each
+    escalation must be announced EXECUTING at most once (a second one is a duplicate notification).
+    """
+    now, incidents, escalations, events = _load(database_url)
+    fig = Figures(incidents=len(incidents), escalations=len(escalations))
+    bound = timedelta(seconds=lateness_bound_s)
+    by_incident_esc: dict = defaultdict(list)
+    for row in escalations:
+        by_incident_esc[row["incident_id"]].append(row)
+    by_incident_ev: dict = defaultdict(list)
+    for row in events:
+        by_incident_ev[row["incident_id"]].append(row)
+    latenesses: list[float] = []
+
+    for incident in incidents:
+        iid = incident["id"]
+        state = State(incident["state"])
+        evs = by_incident_ev.get(iid, [])
+        escs = sorted(by_incident_esc.get(iid, []), key=lambda r: r["escalation_level"])
+
+        # -- 4. the timeline is a valid path, one event per transition, no gaps ------------------
+        transitions = [e for e in evs if e["type"] in TRANSITION_TYPES]
+        unknown = [e["type"] for e in evs if e["type"] not in TRANSITION_TYPES | {"escalation_executed"}]
+        if unknown:
+            fig.violate(f"[4] incident {iid}: unknown event types {unknown}")
+        if not transitions or transitions[0]["type"] != "created" or transitions[0]["to_state"] != "OPEN":
+            fig.violate(f"[4] incident {iid}: timeline does not start with 'created' -> OPEN")
+            continue
+        if sum(1 for e in transitions if e["type"] == "created") != 1:
+            fig.violate(f"[4] incident {iid}: more than one 'created' event")
+        path = [State.OPEN]
+        for previous, event in zip(transitions, transitions[1:], strict=False):
+            to_state = State(event["to_state"]) if event["to_state"] else None
+            if event["from_state"] != previous["to_state"]:
+                fig.violate(
+                    f"[4] incident {iid}: gap: event {event['id']} goes from {event['from_state']} "
+                    f"but the previous one ended in {previous['to_state']}"
+                )
+            if to_state is None or event["type"] != EVENT_TYPE.get(to_state):
+                fig.violate(f"[4] incident {iid}: event {event['id']} type {event['type']} -> {to_state}")
+                continue
+            path.append(to_state)
+        if not is_valid_path(path):
+            fig.violate(f"[4] incident {iid}: invalid path {[s.value for s in path]}")
+        if path[-1] is not state:
+            fig.violate(f"[4] incident {iid}: timeline ends in {path[-1]} but the incident is {state}")
+        for earlier, later in zip(evs, evs[1:], strict=False):
+            if later["at"] < earlier["at"]:
+                fig.violate(f"[4] incident {iid}: event {later['id']} is dated before event {earlier['id']}")
+        for event in transitions[1:]:
+            to_state = State(event["to_state"])
+            column = STATE_TIMESTAMP.get(to_state)
+            if column and incident[column] != event["at"]:
+                fig.violate(
+                    f"[4] incident {iid}: {column}={incident[column]} but its event is at {event['at']}"
+                )
+        reached = {State(e["to_state"]) for e in transitions}
+        for target, column in STATE_TIMESTAMP.items():
+            if target not in reached and incident[column] is not None:
+                fig.violate(f"[4] incident {iid}: {column} is set but no event reached {target}")
+
+        # When did it start and stop escalating (from the timeline)?
+        escalated = next((e for e in transitions if e["to_state"] == "ESCALATING"), None)
+        left = next((e for e in transitions if e["from_state"] == "ESCALATING"), None)
+        executed_events = [e for e in evs if e["type"] == "escalation_executed"]
+        for event in executed_events:
+            if event["from_state"] != "ESCALATING" or event["to_state"] != "ESCALATING":
+                fig.violate(f"[4] incident {iid}: escalation_executed event {event['id']} outside ESCALATING")
+            if escalated is None or event["id"] < escalated["id"] or (left and event["id"] > left["id"]):
+                fig.violate(
+                    f"[3] incident {iid}: escalation_executed event {event['id']} outside the escalation"
+                )
+
+        if escalated is None:
+            if escs:
+                fig.violate(f"[1] incident {iid}: {len(escs)} escalation(s) but it never escalated")
+            continue
+        levels = incident["policy_levels"] or []
+        start = escalated["at"]
+        left_at = left["at"] if left else None
+
+        # -- 1. exactly one execution per EXECUTED level; each level created by the previous one -----
+        runs = Counter(e["data"].get("escalation_id") for e in executed_events)
+        level_numbers = [e["escalation_level"] for e in escs]
+        if level_numbers != list(range(1, len(escs) + 1)):
+            fig.violate(f"[1] incident {iid}: levels {level_numbers} are not 1..n")
+        if len(escs) > len(levels):
+            fig.violate(f"[1] incident {iid}: {len(escs)} levels but its policy has {len(levels)}")
+        for index, esc in enumerate(escs):
+            eid = str(esc["id"])
+            status = esc["status"]
+            n_runs = runs.pop(eid, 0)
+            fig.executed += status == "EXECUTED"
+            fig.cancelled += status == "CANCELLED"
+            fig.pending += status == "PENDING"
+            if n_runs > 1:
+                fig.duplicated += n_runs - 1
+                fig.violate(f"[1] escalation {eid} (incident {iid}) executed {n_runs} times")
+            if (status == "EXECUTED") != (n_runs >= 1):
+                fig.violate(f"[1] escalation {eid} is {status} but has {n_runs} execution event(s)")
+            # Who created it: the escalation (level 1) or the previous level's execution.
+            base = start if index == 0 else escs[index - 1]["executed_at"]
+            if index > 0 and escs[index - 1]["status"] != "EXECUTED":
+                fig.violate(
+                    f"[1] escalation {eid}: level {index + 1} exists but level {index} is not EXECUTED"
+                )
+            elif base is not None and index < len(levels):
+                expected = base + timedelta(milliseconds=levels[index]["delay_ms"])
+                if abs(esc["created_at"] - base) > EPSILON or abs(esc["scheduled_at"] - expected) > EPSILON:
+                    fig.violate(
+                        f"[1] escalation {eid}: created {esc['created_at']} due {esc['scheduled_at']}, "
+                        f"expected created {base} due {expected}"
+                    )
+            if status == "EXECUTED":
+                lateness = esc["executed_at"] - esc["scheduled_at"]
+                latenesses.append(lateness.total_seconds())
+                if lateness < timedelta(0):
+                    fig.violate(f"[2] escalation {eid} executed {-lateness} before it was due")
+                elif lateness > bound:
+                    fig.violate(f"[2] escalation {eid} executed {lateness} after due (bound {bound})")
+                # -- 3. nothing executed at or after leaving ESCALATING --------------------------
+                if left_at is not None and esc["executed_at"] >= left_at:
+                    fig.executed_after_leave += 1
+                    fig.violate(
+                        f"[3] escalation {eid} executed at {esc['executed_at']}, incident left "
+                        f"ESCALATING at {left_at}"
+                    )
+        for eid, n_runs in runs.items():
+            fig.duplicated += n_runs
+            fig.violate(f"[1] incident {iid}: {n_runs} execution event(s) of unknown escalation {eid}")
+
+        # -- 2 and 3. nothing lost -----------------------------------------------------------------
+        last = escs[-1] if escs else None
+        if last is None:
+            fig.lost += 1
+            fig.violate(f"[2] incident {iid} escalated at {start} but has no escalation at all")
+            continue
+        if last["status"] == "EXECUTED" and len(escs) < len(levels):
+            # The execution commits the next level in its own transaction: it cannot be missing.
+            fig.lost += 1
+            fig.violate(f"[1] incident {iid}: level {len(escs)} EXECUTED but level {len(escs) + 1} missing")
+        if state is State.ESCALATING:
+            for esc in escs:
+                if esc["status"] == "CANCELLED":
+                    fig.violate(f"[3] escalation {esc['id']} CANCELLED while its incident escalates")
+                elif esc["status"] == "PENDING" and esc["scheduled_at"] + bound < now:
+                    fig.lost += 1
+                    fig.violate(
+                        f"[2] escalation {esc['id']} (incident {iid}, level {esc['escalation_level']}) "
+                        f"still PENDING {now - esc['scheduled_at']} after due"
+                    )
+        else:
+            for esc in escs:
+                if esc["status"] == "PENDING":
+                    fig.violate(f"[3] escalation {esc['id']} PENDING but incident {iid} is {state}")
+                elif esc["status"] == "CANCELLED" and left_at and esc["scheduled_at"] + bound < left_at:
+                    # It was due well before the incident left ESCALATING, and never ran: lost.
+                    fig.lost += 1
+                    fig.violate(
+                        f"[2] escalation {esc['id']} due {esc['scheduled_at']} never ran; incident "
+                        f"left ESCALATING at {left_at}"
+                    )
+
+    if latenesses:
+        latenesses.sort()
+        fig.worst_lateness_s = latenesses[-1]
+        fig.p99_lateness_s = latenesses[min(len(latenesses) - 1, int(len(latenesses) * 0.99))]
+
+    # -- 1, seen from the side: each escalation announced (notified) at most once ---------------------
+    announced = Counter(m.group(3) for text in logs for m in EXECUTING_LINE.finditer(text))
+    for eid, count in announced.items():
+        if count > 1:
+            fig.duplicated += count - 1
+            fig.violate(f"[1] escalation {eid} announced EXECUTING {count} times in the worker logs")
+
+    # -- 5. every request got an answer in bounded time -------------------------------------------
+    check_requests(fig, list(requests), response_bound_s, allowed_statuses)
+    return fig
+
+
+def check_requests(
+    fig: Figures, records: list[RequestRecord], bound_s: float, allowed: frozenset[int]
+) -> None:
+    fig.requests += len(records)
+    for rec in records:
+        key = str(rec.status) if rec.status is not None else "no answer"
+        fig.statuses[key] = fig.statuses.get(key, 0) + 1
+        fig.worst_response_s = max(fig.worst_response_s, rec.elapsed_s)
+        where = f"{rec.method} {rec.path}"
+        if rec.status is None:
+            fig.violate(f"[5] {where}: no answer after {rec.elapsed_s:.2f}s ({rec.error})")
+            continue
+        if rec.elapsed_s > bound_s:
+            fig.violate(f"[5] {where}: {rec.status} after {rec.elapsed_s:.2f}s (bound {bound_s}s)")
+        if rec.status not in allowed:
+            fig.violate(f"[5] {where}: status {rec.status}: {rec.text[:200]!r}")
+        if "Traceback" in rec.text:
+            fig.violate(f"[5] {where}: traceback in the answer")
+        if rec.status >= 400:
+            body = rec.json_body
+            if not (isinstance(body, dict) and body.get("code") == rec.status and body.get("message")):
+                fig.violate(f"[5] {where}: {rec.status} without the JSON error shape: {rec.text[:200]!r}")
