@@ -4,6 +4,7 @@ tells the broker what the step decided (deliver)."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from celery import shared_task
@@ -19,6 +20,24 @@ logger = logging.getLogger("escalation")
 # A sweep takes at most this many batches at a time; the next sweep goes on where it stopped.
 MAX_SWEEP_BATCHES = 20
 
+# Once the broker has failed a publish, this process leaves hand-overs to the sweep for this long
+# instead of making every request wait out the broker's timeouts again: with a hung Redis each
+# transition would spend a second or two there, and the web would run out of threads.
+BROKER_REST_S = 5.0
+_broker_failed_at: float | None = None
+
+
+def _broker_resting() -> bool:
+    return _broker_failed_at is not None and time.monotonic() - _broker_failed_at < BROKER_REST_S
+
+
+def _broker_failed(what: str, count: int, exc: Exception) -> None:
+    global _broker_failed_at
+    _broker_failed_at = time.monotonic()
+    logger.warning(
+        "[ESCALATION] broker failed to %s %d task(s) (%s); the sweep will deliver", what, count, exc
+    )
+
 
 def deliver(outbox: Outbox) -> bool:
     """After commit: log, publish the escalations handed over, revoke the cancelled ones.
@@ -29,26 +48,24 @@ def deliver(outbox: Outbox) -> bool:
     """
     for line in outbox.log:
         logger.info(line)
+    if outbox.publish and _broker_resting():
+        _forget_publish(outbox.publish)
+        return False
     for index, delivery in enumerate(outbox.publish):
         try:
             execute_escalation.apply_async(
                 (str(delivery.escalation_id),), task_id=delivery.task_id, eta=delivery.eta
             )
         except Exception as exc:  # noqa: BLE001 - any broker failure means: leave it to the sweep
-            failed = outbox.publish[index:]
-            logger.warning(
-                "[ESCALATION] broker refused %d publish(es) (%s); the sweep will deliver them",
-                len(failed),
-                exc,
-            )
-            _forget_publish(failed)
+            _broker_failed("publish", len(outbox.publish) - index, exc)
+            _forget_publish(outbox.publish[index:])
             return False
-    if outbox.revoke:
+    if outbox.revoke and not _broker_resting():
         try:
             # A courtesy that saves a wake-up: the CANCELLED row is what stops the level.
             current_app.extensions["celery"].control.revoke(outbox.revoke)
         except Exception as exc:  # noqa: BLE001
-            logger.warning("[ESCALATION] could not revoke %d task(s): %s", len(outbox.revoke), exc)
+            _broker_failed("revoke", len(outbox.revoke), exc)
     return True
 
 
