@@ -1,0 +1,94 @@
+"""3. Escalation throughput with everything already due, next to a no-op Celery task on the same
+Redis and the same worker settings (the floor of any Celery design)."""
+
+from __future__ import annotations
+
+import time
+
+from bench.common import (
+    Bench,
+    CpuMeter,
+    log_lines,
+    log_time,
+    median,
+    publish_escalations,
+    publish_noop,
+    seed_escalating,
+)
+
+# Level 1 is due; level 2 an hour out (beyond the horizon: inserted, not published). So each
+# execution does the whole step, next level included, without feeding the queue during the run.
+LEVELS = [{"delay_ms": 0, "notify": ["in_app"]}, {"delay_ms": 3_600_000, "notify": ["email"]}]
+APP = "bench.worker_app:celery_app"
+
+
+def drain(bench: Bench, task: str, count: int, timeout_s: float, concurrency: int = 2) -> dict:
+    """Start a worker on a queue already holding `count` tasks; tasks/s from first to last success."""
+    proc = bench.worker(f"rate-{task}-{concurrency}", app=APP, concurrency=concurrency)
+    needle = f"Task {task}["
+    done: list[str] = []
+    with CpuMeter(w=proc.process.pid) as meter:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [line for line in log_lines(proc.log_path, needle, proc._offset) if "succeeded in" in line]
+            if len(done) >= count:
+                break
+            time.sleep(0.5)
+    bench.stop(proc)
+    span = log_time(done[-1]) - log_time(done[0]) if len(done) > 1 else float("nan")
+    return {
+        "tasks": len(done),
+        "rate": (len(done) - 1) / span if span else float("nan"),
+        "cpu_ms": 1000 * meter.cpu["w"] / max(1, len(done)),
+        "machine_busy": meter.machine,
+    }
+
+
+def run(cfg, run_id: str, log_dir) -> dict:
+    runs = []
+    with Bench("rate", run_id, log_dir) as bench:
+        for _ in range(cfg.repeats):
+            rows = seed_escalating(
+                bench,
+                cfg.rate_escalations,
+                "now() - interval '1 second'",
+                levels=LEVELS,
+                published=True,
+                returning=True,
+            )
+            publish_escalations(bench, rows)
+            escalation = drain(bench, "escalations.execute", len(rows), timeout_s=600)
+            executed = bench.sql(
+                "SELECT count(*) FROM escalations WHERE status = 'EXECUTED' AND escalation_level = 1",
+                fetch=True,
+            )[0][0]
+            publish_noop(bench, cfg.rate_noops)
+            noop = drain(bench, "bench.noop", cfg.rate_noops, timeout_s=300)
+            run = {"escalation": escalation, "noop": noop, "executed_total": executed}
+            if cfg.rate_concurrency:
+                # The same escalations with more prefork children (WORKER_CONCURRENCY): an experiment.
+                rows = seed_escalating(
+                    bench,
+                    cfg.rate_escalations,
+                    "now() - interval '1 second'",
+                    levels=LEVELS,
+                    published=True,
+                    returning=True,
+                )
+                publish_escalations(bench, rows)
+                run["escalation_more"] = drain(
+                    bench, "escalations.execute", len(rows), timeout_s=600, concurrency=cfg.rate_concurrency
+                )
+            runs.append(run)
+    kinds = ("escalation", "noop", "escalation_more") if cfg.rate_concurrency else ("escalation", "noop")
+    summary = {
+        kind: {key: median([r[kind][key] for r in runs]) for key in ("rate", "cpu_ms", "machine_busy")}
+        for kind in kinds
+    }
+    return {
+        "runs": runs,
+        "median": summary,
+        "escalations": cfg.rate_escalations,
+        "noops": cfg.rate_noops,
+        "more_concurrency": cfg.rate_concurrency,
+    }

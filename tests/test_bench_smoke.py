@@ -1,0 +1,92 @@
+"""The benchmarks, seconds-long: each measurement runs end to end on tiny sizes and yields numbers,
+and the report renders. Nothing here asserts on speed (`make bench` measures; this keeps it working)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import asdict
+
+import pytest
+
+from bench import report
+from bench.loadgen import pgbench_binary
+from bench.run import SMOKE, Config, measure
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(180)]
+
+
+def number(value) -> bool:
+    return isinstance(value, int | float) and not math.isnan(value)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    cfg = Config(**SMOKE)
+    out = {"config": asdict(cfg), "run_id": uuid.uuid4().hex[:6], "environment": report.environment()}
+    return cfg, out, tmp_path_factory.mktemp("bench")
+
+
+def run(results, name: str) -> dict:
+    cfg, out, log_dir = results
+    measure(cfg, [name], out["run_id"], log_dir, out, None)
+    return out[name]
+
+
+def test_throughput_measures_api_bare_and_pgbench(results):
+    res = run(results, "throughput")
+    assert [len(s) for s in res["statements"].values()] == [6, 9, 9]
+    # pgbench ships with the PostgreSQL server packages; without it the reference is left out.
+    impls = ("api", "bare", "pgbench") if pgbench_binary() else ("api", "bare")
+    for rows in res["tables"].values():
+        for impl in impls:
+            assert number(rows[0][impl]["rps"]) and rows[0][impl]["rps"] > 0, impl
+            assert number(rows[0][impl]["p99"]), impl
+            assert rows[0][impl]["errors"] == 0, impl
+
+
+def test_storm_executes_every_level_once(results):
+    (storm,) = run(results, "storm")["runs"]
+    assert storm["unfinished"] == 0 and storm["doubled"] == 0
+    assert storm["executed"] == storm["expected"]
+    assert number(storm["all"]["p99"])
+
+
+def test_exec_rate_measures_escalations_and_the_noop_floor(results):
+    res = run(results, "exec_rate")
+    assert res["runs"][0]["executed_total"] == res["escalations"]
+    assert number(res["median"]["escalation"]["rate"]) and number(res["median"]["noop"]["rate"])
+
+
+def test_memory_is_sampled_at_each_phase(results):
+    phases = run(results, "memory")["phases"]
+    assert len(phases) == 3
+    assert all(p["rss_kb"] > 0 and p["processes"] >= 3 for p in phases)
+
+
+def test_sweep_query_uses_the_partial_index(results):
+    res = run(results, "sweep")
+    current = [s for s in res["scenarios"] if not s.get("proposed")]
+    assert all(s["uses_index"] for s in current)
+    assert current[1]["rows_returned"] == 500
+    assert all(s["same_rows"] for s in res["scenarios"] if s.get("proposed"))
+
+
+def test_cancel_measures_resolve(results):
+    res = run(results, "cancel")
+    assert res["resolved"] > 0 and res["pending_left"] == 0
+    assert number(res["table"][0]["api"]["p99"])
+
+
+def test_profile_measures_cpu_per_request_of_each_variant(results):
+    res = run(results, "profile")
+    for endpoint in ("create", "escalate"):
+        assert all(number(v) and v > 0 for v in res[endpoint]["cpu_ms"].values())
+    assert all(number(v) and v > 0 for v in res["worker"]["cpu_ms"].values())
+
+
+def test_report_renders_every_section(results):
+    _cfg, out, _log_dir = results
+    text = report.render(out)
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## Targets"):
+        assert heading in text
