@@ -63,13 +63,17 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 task_soft_time_limit = 50
 task_time_limit = 60
 
-worker_concurrency = int(os.environ.get("WORKER_CONCURRENCY", os.cpu_count() or 2))
+# An escalation spends most of its time waiting on Postgres, not on the CPU: twice the cores
+# overlaps the waiting (measured in docs/BENCHMARKS.md). Each child holds a database connection.
+worker_concurrency = int(os.environ.get("WORKER_CONCURRENCY", 2 * (os.cpu_count() or 2)))
 worker_prefetch_multiplier = int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", 4))
 worker_hijack_root_logger = False
 
-# Flower builds its views from these events.
+# Flower builds its views from the workers' events (received, started, succeeded...). The
+# "sent" event is left off: it would cost every publish, inside every escalate request, a second
+# Redis write, and Flower shows tasks without it.
 worker_send_task_events = True
-task_send_sent_event = True
+task_send_sent_event = False
 
 # The sweep hands over what the broker never got or lost. It queues behind the escalations, so a
 # copy may wait as long as a burst's backlog: it must not expire after one interval, or every sweep

@@ -240,16 +240,23 @@ def execute(
     it was cancelled), 'cancelled' (the incident left ESCALATING), 'early' (handed back with its
     ETA), 'stale' (an early copy that is not the current delivery) or 'missing'.
     """
-    incident_id = session.scalar(select(Escalation.incident_id).where(Escalation.id == escalation_id))
-    if incident_id is None:
+    # Two statements, in the API's lock order: the incident (found through the escalation), then the
+    # escalation with the database clock, read after the incident lock is held.
+    incident = session.scalars(
+        select(Incident)
+        .where(
+            Incident.id
+            == select(Escalation.incident_id).where(Escalation.id == escalation_id).scalar_subquery()
+        )
+        .with_for_update()
+    ).one_or_none()
+    if incident is None:
         return "missing"
-    incident = lock_incident(session, incident_id)
-    escalation = session.scalars(
-        select(Escalation).where(Escalation.id == escalation_id).with_for_update()
+    escalation, now = session.execute(
+        select(Escalation, func.clock_timestamp()).where(Escalation.id == escalation_id).with_for_update()
     ).one()
     if escalation.status is not PENDING:
         return "duplicate"
-    now = db_now(session)
     if incident.state is not State.ESCALATING:
         # Leaving ESCALATING cancels pending levels in the same transaction, so this is a guard only.
         escalation.status = EscalationStatus.CANCELLED
