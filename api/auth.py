@@ -22,9 +22,15 @@ def authenticate() -> None:
             message="Missing API key: send 'Authorization: Bearer <key>'.",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    # Four columns, not the ORM object: this runs on every request (a fifth of a create's CPU).
+    # Never cached: a revoked key is refused from the next request on.
     key = (
         db_session()
-        .scalars(select(ApiKey).where(ApiKey.secret_hash == hash_key(token.strip())))
+        .execute(
+            select(ApiKey.id, ApiKey.tenant, ApiKey.scope, ApiKey.revoked_at).where(
+                ApiKey.secret_hash == hash_key(token.strip())
+            )
+        )
         .one_or_none()
     )
     if key is None or key.revoked_at is not None:
