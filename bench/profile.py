@@ -88,17 +88,23 @@ def main(token: str, count: int, start: int, repeats: int) -> dict:
     logging.getLogger().setLevel(logging.WARNING)
     ids = Ids(start)
     result: dict = {}
+    rounds_n = max(repeats, 5)
+
+    def take(endpoint: str, n: int) -> list[str]:
+        # Only escalate needs a fresh OPEN incident per request; create ignores the id.
+        return ids.take(n) if endpoint == "escalate" else [""] * n
+
     for endpoint in ("create", "escalate"):
         for app in apps.values():
-            _requests(app, token, endpoint, ids.take(5))  # warm-up
+            _requests(app, token, endpoint, take(endpoint, 5))  # warm-up
         rounds: dict[str, list[float]] = {name: [] for name in apps}
-        for rep in range(max(repeats, 5)):
+        for rep in range(rounds_n):
             order = list(apps) if rep % 2 == 0 else list(reversed(apps))
             for name in order:
-                rounds[name].append(_requests(apps[name], token, endpoint, ids.take(count)))
+                rounds[name].append(_requests(apps[name], token, endpoint, take(endpoint, count)))
         profile = cProfile.Profile(time.process_time)
         profile.enable()
-        _requests(apps["api as is"], token, endpoint, ids.take(count))
+        _requests(apps["api as is"], token, endpoint, take(endpoint, count))
         profile.disable()
         result[endpoint] = {
             "cpu_ms": {name: statistics.median(values) for name, values in rounds.items()},
@@ -166,9 +172,10 @@ def run(cfg, run_id: str, log_dir) -> dict:
         token, _hash, _key = bench.make_key()
         from bench.variants import VARIANTS
 
-        # escalate: every app x (repeats + 2) rounds; worker: 2 x repeats rounds (create needs none).
-        apps = len(VARIANTS) + 1
-        needed = cfg.profile_requests * (apps * (max(cfg.repeats, 5) + 2) + 2 * cfg.repeats) + 200
+        # escalate: a warm-up of 5 and max(repeats, 5) rounds per app, one profiled round; the
+        # worker part: 2 x repeats rounds of OPEN incidents left over (create needs none).
+        apps, n = len(VARIANTS) + 1, cfg.profile_requests
+        needed = 5 * apps + n * (apps * max(cfg.repeats, 5) + 1 + 2 * cfg.repeats) + 500
         seeder = Seeder(bench, "escalate")
         seeder.rate["profile"] = needed
         start = seeder.take("profile", 0.5)

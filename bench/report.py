@@ -280,9 +280,9 @@ def section_rate(res: dict) -> tuple[list[str], list[tuple]]:
         "",
         "*What limits it:* the no-op is bound by the worker's main process (fetch, unacked bookkeeping, "
         "ack and three task events: Redis round trips for every task); an escalation adds, in a prefork "
-        "child, 10 Postgres round trips in one transaction (pre-ping, BEGIN, escalation's incident, "
-        "incident lock, escalation lock, clock, UPDATE, INSERT next level, INSERT event, COMMIT) and "
-        "the ORM work around them; with 2 children, much of a child's time is waiting on Postgres.",
+        "child, one transaction of Postgres round trips (pre-ping, BEGIN, the locks, the clock, the "
+        "UPDATE and two INSERTs, COMMIT) and the ORM work around them; with few children, much of a "
+        "child's time is waiting on Postgres.",
         "",
     ]
     return lines, [("escalation throughput >= 30% of the no-op rate", f"{r:.2f}", r >= 0.3)]
