@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import servers
-from tests.support.processes import BIN, Process
-from tests.support.servers import PROJECT_ROOT, free_port, wait_until
+from tests.support import processes, servers
+from tests.support.processes import Process
+from tests.support.servers import PROJECT_ROOT, wait_until
 
 FAST_POLICY = PROJECT_ROOT / "tests" / "policies" / "fast.yaml"
 TENANT = "bench"
@@ -170,46 +170,26 @@ class Bench:
             return {name: future.result() for name, future in futures.items()}
 
     def web(self, app: str = "api:create_app()", name: str = "web", workers: int = 2, threads: int = 4):
-        port = free_port()
-        cmd = [
-            str(BIN / "gunicorn"),
-            app,
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            "--threads",
-            str(threads),
-            "--graceful-timeout",
-            "5",
-        ]
-        proc = self.start(Process(name, cmd, self.env, self.log_dir / f"{self.name}-{name}.log", port=port))
+        proc = self.start(
+            processes.web(
+                self.env, self.log_dir, name=f"{self.name}-{name}", workers=workers, threads=threads, app=app
+            )
+        )
+        port = proc.port
         wait_until(lambda: _answers(port), 30, what=f"{name} answers")
         return proc
 
     def worker(self, name: str = "worker", beat: bool = False, concurrency: int = 2, app: str | None = None):
-        cmd = [
-            str(BIN / "celery"),
-            "-A",
-            app or "tasks.app:celery_app",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--concurrency",
-            str(concurrency),
-            "--pool",
-            "prefork",
-            "--hostname",
-            f"{name}-{self.run_id}-{free_port()}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "-Q",
-            self.queue,
-        ]
-        if beat:
-            cmd += ["--beat", "--schedule", str(self.log_dir / f"{self.name}-{name}-beat-schedule")]
-        log = self.log_dir / f"{self.name}-{name}.log"
-        return self.start(Process(name, cmd, self.env, log, ready_text="ready."))
+        return self.start(
+            processes.worker(
+                self.env,
+                self.log_dir,
+                name=f"{self.name}-{name}",
+                beat=beat,
+                concurrency=concurrency,
+                app=app or "tasks.app:celery_app",
+            )
+        )
 
     def python(self, module: str, *args: str, timeout: float = 300) -> str:
         """Run `python -m module args` in this bench's environment; return its stdout."""

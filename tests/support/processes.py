@@ -94,13 +94,19 @@ class Process:
 
 
 def worker(
-    env: dict[str, str], log_dir: Path, *, name: str = "worker", beat: bool = False, concurrency: int = 2
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    name: str = "worker",
+    beat: bool = False,
+    concurrency: int = 2,
+    app: str = "tasks.app:celery_app",
 ) -> Process:
     """A real Celery worker on env's queue; with beat=True it also runs the sweep schedule."""
     cmd = [
         str(BIN / "celery"),
         "-A",
-        "tasks.app:celery_app",
+        app,
         "worker",
         "--loglevel",
         "INFO",
@@ -136,13 +142,19 @@ def beat(env: dict[str, str], log_dir: Path, *, name: str = "beat") -> Process:
 
 
 def web(
-    env: dict[str, str], log_dir: Path, *, name: str = "web", workers: int = 2, threads: int = 4
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    name: str = "web",
+    workers: int = 2,
+    threads: int = 4,
+    app: str = "api:create_app()",
 ) -> Process:
-    """gunicorn serving create_app() on a free port (the Procfile's web process)."""
+    """gunicorn serving `app` on a free port (the Procfile's web process)."""
     port = free_port()
     cmd = [
         str(BIN / "gunicorn"),
-        "api:create_app()",
+        app,
         "--bind",
         f"127.0.0.1:{port}",
         "--workers",
