@@ -476,6 +476,25 @@ def test_even_a_harmless_alias_is_refused(tmp_path):
     assert message.startswith(f"{path}: not valid YAML: ")
 
 
+def test_duplicate_keys_are_refused_not_silently_last_wins(tmp_path):
+    text = """\
+    default_policy: standard
+    policies:
+      standard:
+        levels:
+          - delay: 5m
+      standard:
+        levels:
+          - delay: 1h
+    """
+    path, message = load_error(tmp_path, text)
+    assert message.startswith(f"{path}: not valid YAML: ")
+    assert "duplicate key 'standard'" in message
+    # A level's own fields too.
+    path, message = load_error(tmp_path, VALID.replace("delay: 5m", "delay: 5m\n        delay: 1s", 1))
+    assert "duplicate key 'delay'" in message
+
+
 def test_yaml_tags_that_build_objects_are_refused(tmp_path):
     path, message = load_error(tmp_path, "default_policy: !!python/object/apply:os.system ['true']\n")
     assert message.startswith(f"{path}: not valid YAML: ")
