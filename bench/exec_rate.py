@@ -44,19 +44,20 @@ def drain(bench: Bench, task: str, count: int, timeout_s: float, concurrency: in
     }
 
 
+def queue_due_escalations(bench, count: int) -> list:
+    """`count` escalations already due, handed to the broker as the engine would."""
+    rows = seed_escalating(
+        bench, count, "now() - interval '1 second'", levels=LEVELS, published=True, returning=True
+    )
+    publish_escalations(bench, rows)
+    return rows
+
+
 def run(cfg, run_id: str, log_dir) -> dict:
     runs = []
     with Bench("rate", run_id, log_dir) as bench:
         for _ in range(cfg.repeats):
-            rows = seed_escalating(
-                bench,
-                cfg.rate_escalations,
-                "now() - interval '1 second'",
-                levels=LEVELS,
-                published=True,
-                returning=True,
-            )
-            publish_escalations(bench, rows)
+            rows = queue_due_escalations(bench, cfg.rate_escalations)
             escalation = drain(bench, "escalations.execute", len(rows), timeout_s=600)
             executed = bench.sql(
                 "SELECT count(*) FROM escalations WHERE status = 'EXECUTED' AND escalation_level = 1",
@@ -67,15 +68,7 @@ def run(cfg, run_id: str, log_dir) -> dict:
             run = {"escalation": escalation, "noop": noop, "executed_total": executed}
             if cfg.rate_concurrency:
                 # The same escalations with more prefork children (WORKER_CONCURRENCY): an experiment.
-                rows = seed_escalating(
-                    bench,
-                    cfg.rate_escalations,
-                    "now() - interval '1 second'",
-                    levels=LEVELS,
-                    published=True,
-                    returning=True,
-                )
-                publish_escalations(bench, rows)
+                rows = queue_due_escalations(bench, cfg.rate_escalations)
                 run["escalation_more"] = drain(
                     bench, "escalations.execute", len(rows), timeout_s=600, concurrency=cfg.rate_concurrency
                 )
