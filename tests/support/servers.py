@@ -64,7 +64,7 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
 
 @dataclass
 class PostgresServer:
-    """A private PostgreSQL cluster: start, stop (fast or kill -9), restart on the same port."""
+    """A private PostgreSQL cluster: start, and stop (fast or kill -9) and start again on the same port."""
 
     directory: Path
     port: int = field(default_factory=free_port)
@@ -147,10 +147,6 @@ class PostgresServer:
             # A killed postmaster leaves its children to notice; wait for the port to close.
             wait_until(lambda: not port_open("127.0.0.1", self.port, 0.2), 30, what="postgres down")
         self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 @dataclass
