@@ -59,6 +59,9 @@ task_default_queue = os.environ.get("CELERY_QUEUE", "escalations")
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_cancel_long_running_tasks_on_connection_loss = True
+# Celery's consumer with one fix: without it, a worker holding ETA escalations exits when the broker
+# restarts (Celery 5.7.0 closes a released connection a second time; tasks/consumer.py says how).
+worker_consumer = "tasks.consumer:Consumer"
 # An escalation step is a few milliseconds of SQL; a minute means something is stuck.
 task_soft_time_limit = 50
 task_time_limit = 60
