@@ -18,7 +18,9 @@ MAX_FILE_BYTES = 64 * 1024
 MAX_POLICIES = 100
 MAX_LEVELS = 20  # PagerDuty and Opsgenie stop around here; more is a typo, not a policy.
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
-CHANNELS = ("in_app", "email", "sms", "webhook", "chat", "phone")
+# The channels a level can notify: each one is delivered (tasks/channels); a name that nothing can
+# deliver is refused here, not discovered when the level fires.
+CHANNELS = ("in_app", "email", "sms", "webhook", "slack")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$", re.ASCII)
 UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
@@ -120,7 +122,7 @@ def _parse_level(where: str, raw: Any) -> Level:
     bad = [c for c in notify if c not in CHANNELS]
     if bad:
         raise PolicyError(
-            f"{where}.notify: unknown channel(s) {', '.join(bad)}; known: {', '.join(CHANNELS)}"
+            f"{where}.notify: channel(s) {', '.join(bad)} cannot be delivered; known: {', '.join(CHANNELS)}"
         )
     return Level(delay_ms=delay_ms, notify=tuple(dict.fromkeys(notify)))
 

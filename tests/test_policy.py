@@ -188,8 +188,8 @@ def test_shipped_policy_file_loads():
     )
     assert policies.get("critical").levels == (
         Level(0, ("in_app", "sms")),
-        Level(300_000, ("phone",)),
-        Level(900_000, ("phone", "email")),
+        Level(300_000, ("sms", "webhook")),
+        Level(900_000, ("sms", "email", "slack")),
     )
 
 
@@ -200,9 +200,10 @@ def test_fast_test_policy_file_loads():
         "fast": [1000, 1000, 1000],
         "slow": [3_600_000, 3_600_000],
         "single": [500],
+        "held": [4000, 1000],
     }
     assert [lv.notify for lv in policies.get("fast").levels] == [("in_app",), ("email",), ("sms",)]
-    assert policies.get("single").levels[0].as_json() == {"delay_ms": 500, "notify": ["phone"]}
+    assert policies.get("single").levels[0].as_json() == {"delay_ms": 500, "notify": ["sms"]}
 
 
 def test_policy_set_get_unknown_name_raises_key_error():
@@ -367,9 +368,12 @@ def test_too_many_policies():
 @pytest.mark.parametrize(
     ("notify", "expected"),
     [
-        ("[pager]", "notify: unknown channel(s) pager; known: " + ", ".join(CHANNELS)),
-        ("[email, carrier_pigeon, fax]", "notify: unknown channel(s) carrier_pigeon, fax; known: "),
-        ("[EMAIL]", "notify: unknown channel(s) EMAIL; known: "),
+        ("[pager]", "notify: channel(s) pager cannot be delivered; known: " + ", ".join(CHANNELS)),
+        # Named by the first policies, delivered by nothing: refused rather than silently dropped.
+        ("[phone]", "notify: channel(s) phone cannot be delivered; known: "),
+        ("[in_app, chat]", "notify: channel(s) chat cannot be delivered; known: "),
+        ("[email, carrier_pigeon, fax]", "notify: channel(s) carrier_pigeon, fax cannot be delivered; known: "),
+        ("[EMAIL]", "notify: channel(s) EMAIL cannot be delivered; known: "),
         ("email", "notify: expected a list of channel names"),
         ("[email, 3]", "notify: expected a list of channel names"),
         ("{email: true}", "notify: expected a list of channel names"),
@@ -535,8 +539,8 @@ def test_policy_check_prints_each_timeline(app):
         "  level 3: +    1h (at 80m after escalation) -> sms",
         "critical:",
         "  level 1: +   0ms (at 0ms after escalation) -> in_app, sms",
-        "  level 2: +    5m (at 5m after escalation) -> phone",
-        "  level 3: +   15m (at 20m after escalation) -> phone, email",
+        "  level 2: +    5m (at 5m after escalation) -> sms, webhook",
+        "  level 3: +   15m (at 20m after escalation) -> sms, email, slack",
     ]
 
 
@@ -552,7 +556,7 @@ def test_policy_check_defaults_to_the_file_in_force(app):
         "  level 2: +    1s (at 2s after escalation) -> email",
         "  level 3: +    1s (at 3s after escalation) -> sms",
     ]
-    assert "single:" in lines and "  level 1: + 500ms (at 500ms after escalation) -> phone" in lines
+    assert "single:" in lines and "  level 1: + 500ms (at 500ms after escalation) -> sms" in lines
 
 
 def test_policy_check_level_without_channels(app, tmp_path):
@@ -567,7 +571,7 @@ def test_policy_check_fails_with_the_message_for_a_bad_file(app, tmp_path):
     result = app.test_cli_runner().invoke(args=["policy", "check", str(path)])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"Error: {path}: policies.standard.levels[1].notify: unknown channel(s) pager; "
+        f"Error: {path}: policies.standard.levels[1].notify: channel(s) pager cannot be delivered; "
         f"known: {', '.join(CHANNELS)}"
     )
     assert "Traceback" not in result.output
