@@ -372,7 +372,10 @@ def test_too_many_policies():
         # Named by the first policies, delivered by nothing: refused rather than silently dropped.
         ("[phone]", "notify: channel(s) phone cannot be delivered; known: "),
         ("[in_app, chat]", "notify: channel(s) chat cannot be delivered; known: "),
-        ("[email, carrier_pigeon, fax]", "notify: channel(s) carrier_pigeon, fax cannot be delivered; known: "),
+        (
+            "[email, carrier_pigeon, fax]",
+            "notify: channel(s) carrier_pigeon, fax cannot be delivered; known: ",
+        ),
         ("[EMAIL]", "notify: channel(s) EMAIL cannot be delivered; known: "),
         ("email", "notify: expected a list of channel names"),
         ("[email, 3]", "notify: expected a list of channel names"),
