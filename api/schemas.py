@@ -8,10 +8,12 @@ import json
 import uuid
 from datetime import datetime
 
-from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
 
+from models.contact import CONTACT_CHANNELS
 from models.incident import SEVERITIES
 from models.lifecycle import State
+from models.notification import NotificationStatus, NotificationType
 
 # Text may hold line breaks and tabs, never NUL or other control characters (Postgres refuses NUL,
 # and terminals and pagers choke on the rest).
@@ -121,6 +123,198 @@ class EscalationListSchema(Schema):
 class HealthSchema(Schema):
     status = fields.String(dump_only=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String(), dump_only=True)
+
+
+# --- contacts --------------------------------------------------------------------------------------
+
+MAX_LEVEL = 100
+
+
+def _distinct(values: list) -> None:
+    if len(set(values)) != len(values):
+        raise ValidationError("Levels must not repeat.")
+
+
+# One definition of each field a contact is created with and may change (POST and PATCH).
+def _name(**kwargs) -> fields.String:
+    return fields.String(validate=[validate.Length(min=1, max=200), _printable(single_line=True)], **kwargs)
+
+
+def _address(**kwargs) -> fields.String:
+    return fields.String(
+        validate=[validate.Length(min=1, max=2048), _printable(single_line=True)],
+        metadata={
+            "description": "email: an email address; sms: an E.164 number (+ and country code); "
+            "webhook and slack: an https:// URL (http:// too while NOTIFY_ALLOW_PRIVATE_URLS=1). "
+            "Stored normalised."
+        },
+        **kwargs,
+    )
+
+
+def _levels(**kwargs) -> fields.List:
+    return fields.List(
+        fields.Integer(strict=True, validate=validate.Range(min=1, max=MAX_LEVEL)),
+        allow_none=True,
+        validate=[validate.Length(min=1, max=MAX_LEVEL), _distinct],
+        metadata={
+            "description": "The escalation levels that reach this contact; null: every level",
+            "uniqueItems": True,
+        },
+        **kwargs,
+    )
+
+
+def _status_updates(**kwargs) -> fields.Boolean:
+    return fields.Boolean(
+        metadata={
+            "description": "Also told when an incident it was paged for is acknowledged, resolved or "
+            "cancelled (default: true for webhook and slack, false for email and sms)"
+        },
+        **kwargs,
+    )
+
+
+def _enabled(**kwargs) -> fields.Boolean:
+    return fields.Boolean(metadata={"description": "A disabled contact receives nothing"}, **kwargs)
+
+
+class ContactCreateSchema(Schema):
+    name = _name(required=True)
+    channel = fields.String(required=True, validate=validate.OneOf(CONTACT_CHANNELS))
+    address = _address(required=True)
+    levels = _levels(load_default=None)
+    # None: the channel's default, decided by the view once the channel is known.
+    status_updates = _status_updates(load_default=None)
+    enabled = _enabled(load_default=True)
+
+
+class ContactUpdateSchema(Schema):
+    name = _name()
+    address = _address()
+    levels = _levels()
+    status_updates = _status_updates()
+    enabled = _enabled()
+
+    @pre_load
+    def channel_is_fixed(self, data, **_kwargs):
+        # Said plainly instead of "Unknown field.": a contact's history belongs to its channel.
+        if isinstance(data, dict) and "channel" in data:
+            raise ValidationError(
+                "A contact's channel cannot be changed: create a new contact instead.", field_name="channel"
+            )
+        return data
+
+    @validates_schema
+    def not_empty(self, data, **_kwargs):
+        if not data:
+            raise ValidationError("Name at least one field to change.", field_name="_schema")
+
+
+class ContactSchema(Schema):
+    id = fields.UUID(dump_only=True)
+    name = fields.String(dump_only=True)
+    channel = fields.String(dump_only=True)
+    address = fields.String(dump_only=True)
+    levels = fields.List(fields.Integer(), dump_only=True, allow_none=True)
+    status_updates = fields.Boolean(dump_only=True)
+    enabled = fields.Boolean(dump_only=True)
+    created_at = fields.AwareDateTime(dump_only=True)
+    updated_at = fields.AwareDateTime(dump_only=True)
+
+
+class ContactWithSecretSchema(ContactSchema):
+    secret = fields.String(
+        dump_only=True,
+        allow_none=True,
+        metadata={
+            "description": "A webhook contact's Standard Webhooks signing secret (whsec_...), shown only "
+            "when it is issued (creation, rotate-secret); null for other channels"
+        },
+    )
+
+
+class PageArgsSchema(Schema):
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = fields.String(validate=validate.Length(max=200))
+
+
+class ContactPageSchema(Schema):
+    items = fields.List(fields.Nested(ContactSchema), dump_only=True)
+    next_cursor = fields.String(dump_only=True, allow_none=True)
+
+
+# --- notifications -----------------------------------------------------------------------------------
+
+
+class NotificationSchema(Schema):
+    """One entry of a delivery log."""
+
+    id = fields.UUID(dump_only=True)
+    incident_id = fields.UUID(dump_only=True, allow_none=True)
+    contact_id = fields.UUID(dump_only=True, allow_none=True)
+    channel = fields.String(dump_only=True)
+    type = fields.Enum(NotificationType, by_value=True, dump_only=True)
+    level = fields.Integer(dump_only=True, allow_none=True)
+    status = fields.Enum(NotificationStatus, by_value=True, dump_only=True)
+    attempts = fields.Integer(dump_only=True)
+    last_error = fields.String(dump_only=True, allow_none=True)
+    sent_at = fields.AwareDateTime(dump_only=True, allow_none=True)
+    provider_id = fields.String(
+        dump_only=True,
+        allow_none=True,
+        metadata={"description": "The provider's id: SMTP Message-ID, Twilio sid, webhook HTTP status"},
+    )
+    digest_id = fields.UUID(
+        dump_only=True, allow_none=True, metadata={"description": "BUNDLED: the digest that carried it"}
+    )
+    created_at = fields.AwareDateTime(dump_only=True)
+    updated_at = fields.AwareDateTime(dump_only=True)
+
+
+class NotificationPageSchema(Schema):
+    items = fields.List(fields.Nested(NotificationSchema), dump_only=True)
+    next_cursor = fields.String(dump_only=True, allow_none=True)
+
+
+class InboxArgsSchema(PageArgsSchema):
+    unread = fields.Boolean(load_default=False, metadata={"description": "Only entries not yet read"})
+
+
+class InboxSummarySchema(Schema):
+    title = fields.String(dump_only=True)
+    severity = fields.String(dump_only=True)
+    state = fields.Enum(State, dump_only=True)
+
+
+class InboxEntrySchema(Schema):
+    id = fields.UUID(dump_only=True)
+    incident_id = fields.UUID(dump_only=True, allow_none=True)
+    level = fields.Integer(dump_only=True, allow_none=True)
+    type = fields.Enum(NotificationType, by_value=True, dump_only=True)
+    created_at = fields.AwareDateTime(dump_only=True)
+    read_at = fields.AwareDateTime(dump_only=True, allow_none=True)
+    summary = fields.Nested(
+        InboxSummarySchema,
+        dump_only=True,
+        allow_none=True,
+        metadata={"description": "The incident as it is now (null for an entry about no incident)"},
+    )
+
+
+class InboxPageSchema(Schema):
+    items = fields.List(fields.Nested(InboxEntrySchema), dump_only=True)
+    next_cursor = fields.String(dump_only=True, allow_none=True)
+
+
+class ReadAllSchema(Schema):
+    before = fields.AwareDateTime(
+        metadata={"description": "Mark only entries created up to this moment (default: now)"}
+    )
+
+
+class ReadAllResultSchema(Schema):
+    count = fields.Integer(dump_only=True, metadata={"description": "How many entries were marked read"})
 
 
 def encode_cursor(created_at: datetime, incident_id: uuid.UUID) -> str:
