@@ -19,10 +19,12 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """
     import os
 
-    from api import cli, db, errors, health, incidents
+    from api import cli, contacts, db, errors, health, incidents, notifications
     from tasks.celery import celery_init_app
+    from tasks.channels import ChannelSettings
 
-    settings = Settings.from_env({**os.environ, **(overrides or {})})
+    env = {**os.environ, **(overrides or {})}
+    settings = Settings.from_env(env)
     # An invalid policy stops the process here, naming the file and the field.
     policies = load_policies(settings.policy_file)
 
@@ -45,6 +47,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
 
     app.extensions["engine_settings"] = settings.engine
     app.extensions["policies"] = policies
+    app.extensions["channel_settings"] = ChannelSettings.from_env(env)
     app.extensions["db"] = make_session_factory(make_engine(settings.database_url))
     celery_init_app(app)
 
@@ -53,6 +56,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     api.register_blueprint(health.blp)
     api.register_blueprint(incidents.blp)
+    api.register_blueprint(notifications.incident_blp)
+    api.register_blueprint(contacts.blp)
+    api.register_blueprint(notifications.blp)
     app.cli.add_command(cli.keys)
     app.cli.add_command(cli.policy)
     return app
