@@ -30,11 +30,20 @@ services: install
 migrate: services
 	@$(LOAD_ENV); $(BIN)/alembic -c migrations/alembic.ini upgrade head
 
-# Every Procfile process in the foreground (release runs first, as on the PaaS).
+# Every Procfile process in the foreground (release runs first, as on the PaaS). Email goes to a local
+# SMTP sink that prints each message here (unless SMTP_URL names a real server), and webhooks may
+# point at this machine.
+SMTP_SINK := 127.0.0.1:1025
 run: migrate
 	@$(LOAD_ENV); export FLOWER_BASIC_AUTH="$${FLOWER_BASIC_AUTH:-admin:admin}"; \
-	  echo "API on http://127.0.0.1:$$PORT  Flower on http://127.0.0.1:$${FLOWER_PORT:-5555} ($$FLOWER_BASIC_AUTH)"; \
-	  exec $(BIN)/honcho start web worker beat flower
+	  export NOTIFY_ALLOW_PRIVATE_URLS="$${NOTIFY_ALLOW_PRIVATE_URLS:-1}"; \
+	  if [ -z "$${SMTP_URL:-}" ]; then \
+	    export SMTP_URL="smtp://$(SMTP_SINK)"; \
+	    $(BIN)/python -m aiosmtpd -n -l $(SMTP_SINK) -c aiosmtpd.handlers.Debugging & sink=$$!; \
+	    trap 'kill $$sink 2>/dev/null' EXIT; \
+	  fi; \
+	  echo "API on http://127.0.0.1:$$PORT  Flower on http://127.0.0.1:$${FLOWER_PORT:-5555} ($$FLOWER_BASIC_AUTH)  email to $$SMTP_URL"; \
+	  $(BIN)/honcho start web worker notifier beat flower
 
 # A new API key for $(TENANT) (SCOPE=read for a read-only one); the key is the last line.
 key: migrate

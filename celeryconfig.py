@@ -53,6 +53,10 @@ enable_utc = True
 timezone = "UTC"
 task_ignore_result = True  # Postgres holds every outcome; no result backend to run or to fill.
 task_default_queue = os.environ.get("CELERY_QUEUE", "escalations")
+# Deliveries wait on SMTP servers and webhooks (up to 10 s an attempt): they run on a queue of their
+# own, consumed by the Procfile's `notifier`, so they never hold up an escalation.
+NOTIFY_QUEUE = os.environ.get("CELERY_NOTIFY_QUEUE", "notifications")
+task_routes = {"notifications.*": {"queue": NOTIFY_QUEUE}}
 
 # Acknowledge after the task ran, and give the message back if the worker process died in it:
 # an escalation whose worker was killed runs again elsewhere (it is idempotent, fenced in Postgres).
@@ -90,5 +94,10 @@ beat_schedule = {
         "task": "escalations.sweep",
         "schedule": ESCALATION_SWEEP_INTERVAL,
         "options": {"expires": ESCALATION_SWEEP_EXPIRES},
-    }
+    },
+    "sweep-notifications": {
+        "task": "notifications.sweep",
+        "schedule": ESCALATION_SWEEP_INTERVAL,
+        "options": {"expires": ESCALATION_SWEEP_EXPIRES},
+    },
 }

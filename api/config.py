@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.engine import EngineSettings
+from models.notify import DEFAULT_RATES, NotifySettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +26,15 @@ def _float(env: dict, name: str, default: float) -> float:
         raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
 
 
+def _rate(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError(f"{name}: expected a whole number of messages per minute (at least 1), got {raw!r}")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -32,6 +42,7 @@ class Settings:
     engine: EngineSettings
     visibility_timeout_s: float
     max_body_bytes: int = 64 * 1024
+    notify: NotifySettings = field(default_factory=NotifySettings)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -44,6 +55,16 @@ class Settings:
                 redelivery_grace_s=_float(env, "ESCALATION_REDELIVERY_GRACE", 30),
             ),
             visibility_timeout_s=_float(env, "BROKER_VISIBILITY_TIMEOUT", 3600),
+            notify=NotifySettings(
+                rates={
+                    channel: _rate(env, f"NOTIFY_RATE_{channel.upper()}", default)
+                    for channel, default in DEFAULT_RATES.items()
+                },
+                # The throttle's window: 60 s in production; tests shorten it to see digests go out.
+                window_s=_float(env, "NOTIFY_RATE_WINDOW", 60),
+                retry_for_s=_float(env, "NOTIFY_RETRY_FOR", 900),
+                redelivery_grace_s=_float(env, "ESCALATION_REDELIVERY_GRACE", 30),
+            ),
         )
         settings.check()
         return settings

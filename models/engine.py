@@ -17,6 +17,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from models import notify
 from models.escalation import Escalation, EscalationStatus
 from models.incident import ACTIVE_STATES, DEDUP_INDEX, Incident, IncidentEvent
 from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, Action, State, next_state
@@ -53,6 +54,8 @@ class Outbox:
 
     publish: list[Delivery] = field(default_factory=list)
     revoke: list[str] = field(default_factory=list)
+    # Contacts with notifications to deliver: each one's deliverer is woken (models/notify.py).
+    wake: set[uuid.UUID] = field(default_factory=set)
     log: list[str] = field(default_factory=list)
 
 
@@ -224,6 +227,7 @@ def transition(
         _schedule_level(session, incident, 1, now, settings, outbox)
     elif current is State.ESCALATING:
         data["cancelled_escalations"] = cancel_pending(session, incident.id, now, outbox)
+    notify.on_transition(session, incident, target, now, outbox)
     record_event(session, incident, EVENT_TYPE[target], now, actor=actor, from_state=current, data=data)
 
 
@@ -281,6 +285,7 @@ def execute(
         from_state=incident.state,
         data={**escalation.as_event_data(), "lateness_ms": lateness_ms},
     )
+    notify.plan_level(session, incident, escalation, now, outbox)
     outbox.log.append(
         f"[ESCALATION] EXECUTING level {escalation.escalation_level} for incident {incident.id} "
         f"(escalation {escalation.id}, {lateness_ms} ms after due)"

@@ -20,6 +20,7 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app.set_default()
     # Register the tasks with this app (shared_task binds them to every app).
     import tasks.escalation  # noqa: F401
+    import tasks.notifications  # noqa: F401
 
     def fresh_pool(**_kwargs) -> None:
         # A forked pool process must not share the parent's database connections.

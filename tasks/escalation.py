@@ -14,6 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from models import engine
 from models.engine import Outbox
+from tasks.notifications import wake_at
 
 logger = logging.getLogger("escalation")
 
@@ -40,7 +41,8 @@ def _broker_failed(what: str, count: int, exc: Exception) -> None:
 
 
 def deliver(outbox: Outbox) -> bool:
-    """After commit: log, publish the escalations handed over, revoke the cancelled ones.
+    """After commit: log, publish the escalations handed over, wake the deliverers of the contacts
+    that have notifications, revoke the cancelled escalations.
 
     Never raises and never waits long on a sick broker: the rows in Postgres already say what must
     happen, and the sweep delivers whatever could not be published here. Returns False when the
@@ -60,6 +62,10 @@ def deliver(outbox: Outbox) -> bool:
             _broker_failed("publish", len(outbox.publish) - index, exc)
             _forget_publish(outbox.publish[index:])
             return False
+    for contact_id in outbox.wake:
+        # A wake-up that fails leaves due rows in Postgres: the notification sweep wakes them.
+        if _broker_resting() or not wake_at(contact_id):
+            break
     if outbox.revoke and not _broker_resting():
         try:
             # A courtesy that saves a wake-up: the CANCELLED row is what stops the level.

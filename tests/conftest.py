@@ -27,6 +27,7 @@ TEST_ENV = {
     "DATABASE_URL": servers.with_database(SERVER_URL, TEST_DB),
     "REDIS_URL": os.environ.get("REDIS_URL") or servers.DEFAULT_REDIS_URL,
     "CELERY_QUEUE": f"test-{RUN_ID}",
+    "CELERY_NOTIFY_QUEUE": f"test-{RUN_ID}-notify",
     "ESCALATION_POLICY_FILE": str(FAST_POLICY),
     "ESCALATION_SWEEP_INTERVAL": "1",
     "ESCALATION_REDELIVERY_GRACE": "2",
@@ -149,6 +150,17 @@ def worker(process_env, log_dir):
 
 
 @pytest.fixture(scope="session")
+def notifier(process_env, log_dir):
+    """A real Celery worker on this session's notification queue (the Procfile's notifier)."""
+    from tests.support.processes import worker as make_worker
+
+    env = {**process_env, "CELERY_QUEUE": process_env["CELERY_NOTIFY_QUEUE"]}
+    proc = make_worker(env, log_dir, name="notifier").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
 def web(process_env, log_dir):
     """A real gunicorn serving the API."""
     from tests.support.processes import web as make_web
@@ -156,3 +168,17 @@ def web(process_env, log_dir):
     proc = make_web(process_env, log_dir).start()
     yield f"http://127.0.0.1:{proc.port}"
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(tmp_path_factory):
+    """The amqp:// URL of a RabbitMQ vhost of this session's own: made on the machine's RabbitMQ
+    (RABBITMQ_URL, else 127.0.0.1:5672 as guest) and deleted at the end; when none answers, the
+    default vhost of a private node (tests/support/servers.py). Skipped when RabbitMQ is not
+    installed and none answers."""
+    if not servers.rabbitmq_script("rabbitmq-server") and not servers.amqp_answers(
+        os.environ.get("RABBITMQ_URL") or servers.DEFAULT_RABBITMQ_URL
+    ):
+        pytest.skip("no RabbitMQ answers and rabbitmq-server is not installed")
+    with servers.rabbitmq_for_tests(tmp_path_factory.mktemp("rabbitmq")) as url:
+        yield url

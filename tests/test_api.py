@@ -528,6 +528,15 @@ def test_openapi_document_describes_the_whole_api(client):
         "/incidents/{incident_id}/events",
         "/incidents/{incident_id}/escalations",
         "/incidents/escalations/{incident_id}",
+        "/incidents/{incident_id}/notifications",
+        "/contacts",
+        "/contacts/{contact_id}",
+        "/contacts/{contact_id}/rotate-secret",
+        "/contacts/{contact_id}/test",
+        "/contacts/{contact_id}/notifications",
+        "/notifications",
+        "/notifications/{notification_id}/read",
+        "/notifications/read-all",
     }
     assert set(spec["paths"]["/incidents"]) >= {"get", "post"}
     for action in ACTIONS:
@@ -1293,8 +1302,10 @@ def test_database_refuses_delete_of_escalations(client, app, tenant):
             session.execute(text("DELETE FROM escalations WHERE incident_id = :id"), {"id": incident["id"]})
         assert info.value.orig.pgcode == "P0001"
         session.rollback()
+        # CASCADE: notifications refer to escalations, and a plain TRUNCATE stops at that foreign key
+        # before any trigger runs; the trigger must refuse even when the key would let it through.
         with pytest.raises(DBAPIError, match="escalations rows are never truncated"):
-            session.execute(text("TRUNCATE escalations"))
+            session.execute(text("TRUNCATE escalations CASCADE"))
         session.rollback()
     assert [e["status"] for e in escalations(client, tenant, incident["id"])] == ["CANCELLED"]
 

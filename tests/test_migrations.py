@@ -17,7 +17,8 @@ from models.db import normalize_database_url
 from tests.conftest import SERVER_URL, alembic_config
 from tests.support import servers
 
-TABLES = {"incidents", "incident_events", "api_keys", "escalations"}
+TABLES = {"incidents", "incident_events", "api_keys", "escalations", "contacts", "notifications"}
+TABLES_0003 = {"incidents", "incident_events", "api_keys", "escalations"}
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +84,14 @@ def functions(db) -> set[str]:
 
 def test_exactly_one_head(script):
     heads = script.get_heads()
-    assert heads == ["0003"]
+    assert heads == ["0004"]
     # A straight line from base to head, each revision naming the one before.
     chain = [rev.revision for rev in script.walk_revisions("base", "heads")]
-    assert chain == ["0003", "0002", "0001"]
+    assert chain == ["0004", "0003", "0002", "0001"]
     assert script.get_revision("0001").down_revision is None
     assert script.get_revision("0002").down_revision == "0001"
     assert script.get_revision("0003").down_revision == "0002"
+    assert script.get_revision("0004").down_revision == "0003"
     assert script.get_bases() == ["0001"]
 
 
@@ -104,6 +106,10 @@ def test_upgrade_head_on_an_empty_database_then_down_to_base_and_up_again(cfg, d
         ("escalations_never_deleted", "escalations"),
         ("incident_events_never_truncated", "incident_events"),
         ("escalations_never_truncated", "escalations"),
+        ("notifications_never_deleted", "notifications"),
+        ("notifications_never_truncated", "notifications"),
+        ("contacts_never_deleted", "contacts"),
+        ("contacts_never_truncated", "contacts"),
     }
     assert functions(db) == {"forbid_change"}
 
@@ -115,14 +121,19 @@ def test_upgrade_head_on_an_empty_database_then_down_to_base_and_up_again(cfg, d
 
     command.upgrade(cfg, "head")
     assert tables(db) == TABLES | {"alembic_version"}
-    assert revision(db) == "0003"
+    assert revision(db) == "0004"
 
 
 def test_every_step_up_and_down(cfg, db, script):
     """The stairway: each revision upgrades, downgrades and upgrades again from its predecessor."""
     command.downgrade(cfg, "base")
     revisions = [rev.revision for rev in reversed(list(script.walk_revisions("base", "heads")))]
-    expected_tables = {"0001": {"incidents", "incident_events", "api_keys"}, "0002": TABLES, "0003": TABLES}
+    expected_tables = {
+        "0001": {"incidents", "incident_events", "api_keys"},
+        "0002": TABLES_0003,
+        "0003": TABLES_0003,
+        "0004": TABLES,
+    }
     previous = "base"
     for rev in revisions:
         command.upgrade(cfg, rev)
@@ -132,7 +143,7 @@ def test_every_step_up_and_down(cfg, db, script):
         assert revision(db) == (None if previous == "base" else previous)
         command.upgrade(cfg, rev)
         previous = rev
-    assert revision(db) == "0003"
+    assert revision(db) == "0004"
 
 
 def test_upgrade_keeps_existing_rows(cfg, db):

@@ -20,7 +20,10 @@ def procfile() -> dict[str, str]:
 
 
 def test_procfile_has_every_process():
-    assert set(procfile()) == {"release", "web", "worker", "beat", "flower"}
+    assert set(procfile()) == {"release", "web", "worker", "notifier", "beat", "flower"}
+    # Deliveries have a queue and a process of their own: a hung webhook never holds up a level.
+    assert "-Q ${CELERY_QUEUE:-escalations}" in procfile()["worker"]
+    assert "-Q ${CELERY_NOTIFY_QUEUE:-notifications}" in procfile()["notifier"]
     assert "alembic" in procfile()["release"] and "upgrade head" in procfile()["release"]
     assert "$PORT" in procfile()["web"] or "${PORT" in procfile()["web"]
 

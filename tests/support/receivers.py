@@ -151,6 +151,12 @@ class HttpReceiver:
                 self._replies.append(reply)
         return self
 
+    def unscript(self) -> HttpReceiver:
+        """Forget the scripted replies not yet used: answer with `default` from now on."""
+        with self._lock:
+            self._replies.clear()
+        return self
+
     def _next_reply(self, request: ReceivedRequest) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
             self.requests.append(request)

@@ -1,0 +1,490 @@
+"""Notification delivery's database side: who a level reaches, claims, throttling, bundling, retries.
+
+Postgres is the outbox: notification rows are written in the transaction that executes a level (or
+changes an incident's state), and delivery tasks only claim, send and record. Like models/engine.py,
+every function here changes rows in the caller's transaction and notes in the Outbox which contacts'
+deliverers to wake once it has committed.
+
+The promises and how they are kept:
+- At least once: a row stays PENDING (or SENDING with a deadline) until an attempt is recorded; the
+  sweep resets expired claims and wakes contacts whose due rows nobody took.
+- Not twice: a deliverer claims rows (SENDING, its token) under the contact's row lock, and holds the
+  notification's row lock from the re-check through the provider call to the recorded outcome, so no
+  other deliverer or sweep can take it meanwhile. The one window for a second copy is a deliverer
+  killed after the provider accepted and before its commit (the claim expires, the row is sent again
+  with the same webhook-id / Message-ID, so a receiver can tell).
+- Never after the incident left ESCALATING: acknowledge, resolve and cancel mark the incident's
+  unsent alerts SKIPPED in their own transaction; that UPDATE waits for a send in flight (it holds the
+  row lock), so whatever a person receives was sent before the transition committed.
+- Throttled without loss: at most `rate` messages per contact in any window; the surplus of alerts is
+  bundled into one digest message (its members BUNDLED once it is sent), nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, insert, literal, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from models.contact import CONTACT_CHANNELS, Contact
+from models.escalation import Escalation
+from models.incident import Incident
+from models.lifecycle import State
+from models.notification import Notification, NotificationStatus, NotificationType
+from models.policy import CHANNELS
+
+PENDING = NotificationStatus.PENDING
+SENDING = NotificationStatus.SENDING
+ALERT = NotificationType.ESCALATED
+STATUS_UPDATE = {
+    State.ACKNOWLEDGED: NotificationType.ACKNOWLEDGED,
+    State.RESOLVED: NotificationType.RESOLVED,
+    State.CANCELLED: NotificationType.CANCELLED,
+}
+# Messages per contact per window when the environment says nothing (NOTIFY_RATE_<CHANNEL>).
+DEFAULT_RATES = {"sms": 3, "email": 10, "slack": 20, "webhook": 120}
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    rates: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_RATES))
+    window_s: float = 60.0
+    # Transient failures are retried for this long after the notification was created, then FAILED.
+    retry_for_s: float = 900.0
+    # The first retry comes within seconds (a page held back for minutes after a blip is a failure
+    # too); each later one waits twice as long, up to max_backoff_s.
+    first_retry_s: float = 2.0
+    max_backoff_s: float = 120.0
+    # A provider call is bounded by this (tasks/channels); claims expire after it, plus a margin.
+    attempt_timeout_s: float = 10.0
+    claim_margin_s: float = 5.0
+    # Rows claimed per round; alerts beyond the throttle are bundled however many there are.
+    batch: int = 20
+    # Due rows nobody took for this long get their contact's deliverer woken by the sweep.
+    redelivery_grace_s: float = 30.0
+
+
+@dataclass
+class Claim:
+    """What one claim took: the rows to send now, in order, and when to come back."""
+
+    ids: list[uuid.UUID] = field(default_factory=list)
+    # Due rows were left for later (the batch was full): claim again at once.
+    more: bool = False
+    # The throttle is full: come back then.
+    wake_at: datetime | None = None
+
+
+@dataclass
+class Attempt:
+    """A claimed notification, locked, re-checked and ready to send; members when it is a digest."""
+
+    notification: Notification
+    contact: Contact
+    incident: Incident | None
+    members: list[tuple[Notification, Incident]] = field(default_factory=list)
+
+
+def plan_level(session: Session, incident: Incident, escalation: Escalation, now: datetime, outbox) -> None:
+    """Write the notifications of a level that has just executed: one per enabled contact of the
+    tenant on each channel the level names whose levels include it, an in-app inbox entry for
+    in_app, and a SKIPPED row for a channel nothing can deliver (an old snapshot's 'phone')."""
+    level = escalation.escalation_level
+    base = {"tenant": incident.tenant, "incident_id": incident.id, "escalation_id": escalation.id}
+    for channel in escalation.notify:
+        if channel == "in_app":
+            session.add(
+                Notification(
+                    **base,
+                    channel=channel,
+                    type=ALERT,
+                    level=level,
+                    status=NotificationStatus.SENT,
+                    sent_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )  # fmt: skip
+            )
+        elif channel not in CHANNELS:
+            session.add(
+                Notification(
+                    **base,
+                    channel=channel,
+                    type=ALERT,
+                    level=level,
+                    status=NotificationStatus.SKIPPED,
+                    last_error=f"channel {channel!r} cannot be delivered",
+                    created_at=now,
+                    updated_at=now,
+                )  # fmt: skip
+            )
+    channels = [c for c in escalation.notify if c in CONTACT_CHANNELS]
+    if not channels:
+        return
+    reached = (
+        select(
+            func.gen_random_uuid(),
+            literal(incident.tenant),
+            literal(incident.id),
+            literal(escalation.id),
+            Contact.id,
+            Contact.channel,
+            literal(ALERT.value),
+            literal(level),
+            literal(PENDING.value),
+            literal(now),
+            literal(now),
+            literal(now),
+        )
+        .where(
+            Contact.tenant == incident.tenant,
+            Contact.channel.in_(channels),
+            Contact.deleted_at.is_(None),
+            Contact.enabled,
+            or_(Contact.levels.is_(None), Contact.levels.any(level)),
+        )
+        .order_by(Contact.created_at)
+    )
+    _insert_for_contacts(session, reached, outbox)
+
+
+def _insert_for_contacts(session: Session, rows, outbox) -> None:
+    """INSERT ... SELECT of PENDING rows, one per contact; those contacts are woken after commit."""
+    columns = [
+        "id", "tenant", "incident_id", "escalation_id", "contact_id", "channel", "type", "level",
+        "status", "next_attempt_at", "created_at", "updated_at",
+    ]  # fmt: skip
+    woken = session.scalars(
+        insert(Notification).from_select(columns, rows).returning(Notification.contact_id)
+    ).all()
+    outbox.wake.update(woken)
+
+
+def on_transition(session: Session, incident: Incident, target: State, now: datetime, outbox) -> None:
+    """The incident was acknowledged, resolved or cancelled: its unsent alerts are SKIPPED, and every
+    contact with status updates that was paged for it gets one message saying so."""
+    if target not in STATUS_UPDATE or incident.escalated_at is None:
+        return  # never escalated: nothing was or will be sent for it
+    # A send in flight holds its row lock for at most one provider attempt; wait for it rather than
+    # fail the transition (the server-wide lock and statement timeouts are shorter).
+    wait_ms = int(1000 * (NotifySettings.attempt_timeout_s + NotifySettings.claim_margin_s))
+    session.execute(text(f"SET LOCAL lock_timeout = {wait_ms}"))
+    session.execute(text(f"SET LOCAL statement_timeout = {2 * wait_ms}"))
+    session.execute(
+        update(Notification)
+        .where(
+            Notification.incident_id == incident.id,
+            Notification.type == ALERT,
+            Notification.status.in_((PENDING, SENDING)),
+        )
+        .values(
+            status=NotificationStatus.SKIPPED,
+            last_error=f"incident {target.value.lower()} before it was sent",
+            claim_token=None,
+            updated_at=now,
+        ),
+        execution_options={"synchronize_session": False},
+    )
+    paged = select(Notification.id).where(
+        Notification.incident_id == incident.id,
+        Notification.contact_id == Contact.id,
+        Notification.type == ALERT,
+        Notification.status.in_((NotificationStatus.SENT, NotificationStatus.BUNDLED)),
+    )
+    updates = select(
+        func.gen_random_uuid(),
+        literal(incident.tenant),
+        literal(incident.id),
+        literal(None, type_=Notification.escalation_id.type),
+        Contact.id,
+        Contact.channel,
+        literal(STATUS_UPDATE[target].value),
+        literal(None, type_=Notification.level.type),
+        literal(PENDING.value),
+        literal(now),
+        literal(now),
+        literal(now),
+    ).where(
+        Contact.tenant == incident.tenant,
+        Contact.status_updates,
+        Contact.enabled,
+        Contact.deleted_at.is_(None),
+        paged.exists(),
+    )
+    _insert_for_contacts(session, updates, outbox)
+
+
+def queue_test(session: Session, contact: Contact, now: datetime, outbox) -> Notification:
+    """A test message to the contact, sent now (throttled like any other)."""
+    notification = Notification(
+        id=uuid.uuid4(),
+        tenant=contact.tenant,
+        contact_id=contact.id,
+        channel=contact.channel,
+        type=NotificationType.TEST,
+        status=PENDING,
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(notification)
+    outbox.wake.add(contact.id)
+    return notification
+
+
+def claim(
+    session: Session, contact_id: uuid.UUID, token: uuid.UUID, now: datetime, settings: NotifySettings
+) -> Claim:
+    """Take the contact's due notifications for sending, within its throttle; bundle the surplus.
+
+    The contact's row lock serialises claims, so two deliverers never overrun the throttle together.
+    """
+    contact = session.scalars(select(Contact).where(Contact.id == contact_id).with_for_update()).one_or_none()
+    if contact is None:
+        return Claim()
+    mine = and_(Notification.contact_id == contact_id, Notification.status == PENDING)
+    if contact.deleted_at is not None or not contact.enabled:
+        why = "contact deleted" if contact.deleted_at is not None else "contact disabled"
+        session.execute(
+            update(Notification)
+            .where(mine)
+            .values(status=NotificationStatus.SKIPPED, last_error=why, updated_at=now),
+            execution_options={"synchronize_session": False},
+        )
+        return Claim()
+    due = session.scalars(
+        select(Notification)
+        .where(mine, Notification.next_attempt_at <= now, Notification.digest_id.is_(None))
+        .order_by(Notification.created_at, Notification.id)
+        .limit(1000)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not due:
+        return Claim()
+    window_start = now - timedelta(seconds=settings.window_s)
+    # Messages are rows that are not digest members: a digest is one message however many it holds.
+    in_window = session.execute(
+        select(func.count(), func.min(Notification.sent_at)).where(
+            Notification.contact_id == contact_id,
+            Notification.digest_id.is_(None),
+            or_(
+                and_(Notification.status == NotificationStatus.SENT, Notification.sent_at > window_start),
+                Notification.status == SENDING,
+            ),
+        )
+    ).one()
+    used, oldest = in_window
+    capacity = settings.rates.get(contact.channel, 60) - used
+    if capacity <= 0:
+        wake_at = (oldest + timedelta(seconds=settings.window_s)) if oldest else now + timedelta(seconds=1)
+        for row in due:
+            row.next_attempt_at = wake_at
+        return Claim(wake_at=wake_at)
+    chosen = list(due[: min(capacity, settings.batch)])
+    more = len(due) > len(chosen)
+    if len(due) > capacity:
+        # Over the throttle: every alert beyond the slots left (one kept for the digest) goes into
+        # one digest; other kinds (status updates, tests) wait for the next window.
+        individual = due[: capacity - 1]
+        members = [row for row in due[capacity - 1 :] if row.type is ALERT]
+        if len(members) >= 2:
+            digest = Notification(
+                id=uuid.uuid4(), tenant=contact.tenant, contact_id=contact.id, channel=contact.channel,
+                type=NotificationType.DIGEST, status=PENDING, attempts=0, next_attempt_at=now,
+                created_at=now, updated_at=now,
+            )  # fmt: skip
+            session.add(digest)
+            session.flush()  # the digest row first: its members' digest_id refers to it
+            for row in members:
+                row.digest_id = digest.id
+            session.flush()  # _take's UPDATE of the members must see their digest_id
+            chosen = [*individual[: settings.batch - 1], digest]
+            more = len(individual) > settings.batch - 1
+            waiting = [row for row in due[capacity - 1 :] if row.type is not ALERT]
+            if waiting:
+                wake_at = now + timedelta(seconds=settings.window_s)
+                for row in waiting:
+                    row.next_attempt_at = wake_at
+                return _take(session, chosen, token, now, settings, Claim(wake_at=wake_at))
+    return _take(session, chosen, token, now, settings, Claim(more=more))
+
+
+def _take(session: Session, rows: list[Notification], token, now, settings: NotifySettings, result: Claim):
+    """Mark rows SENDING for this deliverer; each one's claim lasts until its turn has surely passed."""
+    for position, row in enumerate(rows, start=1):
+        row.status = SENDING
+        row.claim_token = token
+        row.claimed_until = now + timedelta(
+            seconds=position * settings.attempt_timeout_s + settings.claim_margin_s
+        )
+        row.updated_at = now
+        if row.type is NotificationType.DIGEST:
+            session.execute(
+                update(Notification)
+                .where(Notification.digest_id == row.id, Notification.status == PENDING)
+                .values(status=SENDING, claim_token=token, claimed_until=row.claimed_until, updated_at=now),
+                execution_options={"synchronize_session": False},
+            )
+    result.ids = [row.id for row in rows]
+    return result
+
+
+def begin_send(
+    session: Session, notification_id: uuid.UUID, token: uuid.UUID, now: datetime
+) -> Attempt | None:
+    """Lock a claimed notification and re-check it: still this deliverer's, still worth sending.
+
+    The row lock is held through the provider call until finish() commits: a transition's SKIP waits
+    for it, and no sweep or other deliverer can take the row meanwhile. None: nothing to send.
+    """
+    row = session.scalars(
+        select(Notification).where(Notification.id == notification_id).with_for_update()
+    ).one_or_none()
+    if row is None or row.status is not SENDING or row.claim_token != token:
+        return None  # skipped by a transition, or the claim expired and another deliverer has it
+    contact = session.get(Contact, row.contact_id)
+    incident = session.get(Incident, row.incident_id) if row.incident_id else None
+    if row.type is ALERT and incident.state is not State.ESCALATING:
+        _skip(row, f"incident {incident.state.value.lower()} before it was sent", now)
+        return None
+    attempt = Attempt(row, contact, incident)
+    if row.type is NotificationType.DIGEST:
+        members = session.execute(
+            select(Notification, Incident)
+            .join(Incident, Incident.id == Notification.incident_id)
+            .where(Notification.digest_id == row.id, Notification.status == SENDING)
+            .order_by(Notification.created_at, Notification.id)
+            .with_for_update(of=Notification)
+        ).all()
+        for member, member_incident in members:
+            if member_incident.state is State.ESCALATING:
+                attempt.members.append((member, member_incident))
+            else:
+                _skip(
+                    member, f"incident {member_incident.state.value.lower()} before the digest was sent", now
+                )
+        if not attempt.members:
+            _skip(row, "every incident in the digest left ESCALATING first", now)
+            return None
+    return attempt
+
+
+def _skip(row: Notification, why: str, now: datetime) -> None:
+    row.status = NotificationStatus.SKIPPED
+    row.last_error = why
+    row.claim_token = None
+    row.updated_at = now
+
+
+def finish(
+    session: Session, attempt: Attempt, outcome, now: datetime, settings: NotifySettings
+) -> datetime | None:
+    """Record one attempt's outcome (channels.Outcome): SENT, FAILED, or PENDING again for a retry.
+
+    Returns when to try again, for a transient failure inside the retry period.
+    """
+    row = attempt.notification
+    row.attempts += 1
+    row.updated_at = now
+    row.claim_token = None
+    members = [member for member, _ in attempt.members]
+    age = (now - row.created_at).total_seconds()
+    if outcome.status == "sent":
+        row.status = NotificationStatus.SENT
+        row.sent_at = now
+        row.provider_id = outcome.provider_id
+        row.last_error = None
+        for member in members:
+            member.status = NotificationStatus.BUNDLED
+            member.updated_at = now
+        _record(session, attempt, "notification_sent", now)
+        return None
+    if outcome.status == "retry" and age < settings.retry_for_s:
+        backoff = min(settings.max_backoff_s, settings.first_retry_s * 2 ** (row.attempts - 1))
+        retry_at = now + timedelta(seconds=max(backoff, outcome.retry_after_s or 0))
+        row.status = PENDING
+        row.next_attempt_at = retry_at
+        row.last_error = outcome.error
+        for member in members:
+            member.status = PENDING
+            member.claim_token = None
+        return retry_at
+    reason = outcome.error or "failed"
+    if outcome.status == "retry":
+        reason = f"still failing after {row.attempts} attempts over {age:.0f} s: {reason}"
+    row.status = NotificationStatus.FAILED
+    row.last_error = reason
+    for member in members:
+        member.status = NotificationStatus.FAILED
+        member.last_error = f"digest {row.id} failed: {reason}"
+    _record(session, attempt, "notification_failed", now)
+    return None
+
+
+def _record(session: Session, attempt: Attempt, type_: str, now: datetime) -> None:
+    """The timeline entry of every incident the message was about."""
+    from models.engine import record_event  # the engine imports this module
+
+    row = attempt.notification
+    incidents = [attempt.incident] if attempt.incident else [incident for _, incident in attempt.members]
+    for incident in incidents:
+        data = {
+            "notification_id": str(row.id),
+            "channel": row.channel,
+            "contact_id": str(row.contact_id),
+            "type": row.type.value,
+            "level": row.level,
+            "attempts": row.attempts,
+        }
+        if row.last_error:
+            data["error"] = row.last_error
+        record_event(session, incident, type_, now, actor=None, from_state=incident.state, data=data)
+
+
+def sweep(
+    session: Session, now: datetime, settings: NotifySettings, outbox, limit: int = 1000
+) -> tuple[int, int]:
+    """Give expired claims back (a deliverer died) and wake contacts whose due rows nobody took.
+
+    Returns (claims given back, rows woken). SKIP LOCKED: a row being sent right now is never taken.
+    """
+    expired = (
+        select(Notification.id)
+        .where(Notification.status == SENDING, Notification.claimed_until < now)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    released = session.scalars(
+        update(Notification)
+        .where(Notification.id.in_(expired))
+        .values(status=PENDING, claim_token=None, claimed_until=None, next_attempt_at=now, updated_at=now)
+        .returning(Notification.contact_id),
+        execution_options={"synchronize_session": False},
+    ).all()
+    # Woken rows count as due from now: the next sweep wakes them again only after another grace.
+    forgotten = (
+        select(Notification.id)
+        .where(
+            Notification.status == PENDING,
+            Notification.contact_id.is_not(None),
+            Notification.next_attempt_at < now - timedelta(seconds=settings.redelivery_grace_s),
+        )
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    woken = session.scalars(
+        update(Notification)
+        .where(Notification.id.in_(forgotten))
+        .values(next_attempt_at=now)
+        .returning(Notification.contact_id),
+        execution_options={"synchronize_session": False},
+    ).all()
+    outbox.wake.update(released)
+    outbox.wake.update(woken)
+    return len(released), len(woken)

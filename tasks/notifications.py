@@ -1,0 +1,130 @@
+"""Notification tasks: thin. A deliverer per contact claims its due notifications, sends each one
+through its channel and records the outcome; the sweep finds what no deliverer took.
+
+They run on a queue of their own (CELERY_NOTIFY_QUEUE, the Procfile's `notifier`), so a slow or dead
+SMTP server or webhook never holds up an escalation worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+
+from celery import shared_task
+from flask import current_app
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from models import notify
+from models.engine import Outbox, db_now
+from models.notification import NotificationType
+from tasks import channels
+
+logger = logging.getLogger("notifications")
+
+# Claims a deliverer makes before it leaves the rest to a fresh task (a backlog never pins a process).
+MAX_ROUNDS = 10
+
+
+def _message(attempt: notify.Attempt) -> channels.Message:
+    """What the channel sends: the notification, its contact, and the incident as the API shows it."""
+    from api.schemas import IncidentSchema  # the API's own representation, not a second one
+
+    row = attempt.notification
+    incident = IncidentSchema().dump(attempt.incident) if attempt.incident else None
+    brief = IncidentSchema(only=("id", "title", "severity", "state"))
+    # The first ten incidents of a digest by name; its total counts all of them.
+    digest = tuple(
+        {**brief.dump(member_incident), "level": member.level}
+        for member, member_incident in attempt.members[:10]
+    )
+    return channels.Message(
+        notification_id=str(row.id),
+        type=row.type.value,
+        channel=row.channel,
+        address=attempt.contact.address,
+        created_at=row.created_at,
+        secret=attempt.contact.secret,
+        incident=incident,
+        level=row.level,
+        digest=digest,
+        digest_total=len(attempt.members),
+    )
+
+
+def wake_at(contact_id: uuid.UUID, when: datetime | None = None) -> bool:
+    """Publish a deliverer for the contact (at `when`); on a broker failure the sweep does it later."""
+    try:
+        deliver_notifications.apply_async((str(contact_id),), eta=when)
+    except Exception as exc:  # noqa: BLE001 - the rows are due in Postgres; the sweep wakes them
+        logger.warning(
+            "[NOTIFY] could not wake the deliverer of contact %s (%s); the sweep will", contact_id, exc
+        )
+        return False
+    return True
+
+
+@shared_task(
+    name="notifications.deliver",
+    autoretry_for=(DBAPIError, PoolTimeoutError),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=20,
+)
+def deliver_notifications(contact_id: str) -> int:
+    """Send the contact's due notifications, within its throttle; returns how many were attempted."""
+    settings = current_app.config["SETTINGS"].notify
+    provider_settings = current_app.extensions["channel_settings"]
+    db = current_app.extensions["db"]
+    token = uuid.uuid4()
+    attempted = 0
+    for _ in range(MAX_ROUNDS):
+        with db.begin() as session:
+            claim = notify.claim(session, uuid.UUID(contact_id), token, db_now(session), settings)
+        for notification_id in claim.ids:
+            with db.begin() as session:
+                attempt = notify.begin_send(session, notification_id, token, db_now(session))
+                if attempt is None:
+                    continue
+                # The row lock is held through the provider call: see models/notify.py.
+                outcome = channels.send(_message(attempt), provider_settings)
+                retry_at = notify.finish(session, attempt, outcome, db_now(session), settings)
+            attempted += 1
+            _log(attempt, outcome)
+            if retry_at is not None:
+                wake_at(uuid.UUID(contact_id), retry_at)
+        if claim.wake_at is not None:
+            wake_at(uuid.UUID(contact_id), claim.wake_at)
+            break
+        if not claim.more:
+            break
+    else:
+        wake_at(uuid.UUID(contact_id))
+    return attempted
+
+
+def _log(attempt: notify.Attempt, outcome: channels.Outcome) -> None:
+    row = attempt.notification
+    about = f"incident {attempt.incident.id}" if attempt.incident else row.type.value
+    if row.type is NotificationType.DIGEST:
+        about = f"digest of {len(attempt.members)} incident(s)"
+    line = f"[NOTIFY] {row.channel} {row.id} to contact {row.contact_id} ({about}): {outcome.status}"
+    if outcome.error:
+        line += f" ({outcome.error})"
+    (logger.info if outcome.status == "sent" else logger.warning)(line)
+
+
+@shared_task(name="notifications.sweep")
+def sweep_notifications() -> int:
+    """Give back claims of deliverers that died, and wake contacts whose due rows nobody took."""
+    settings = current_app.config["SETTINGS"].notify
+    outbox = Outbox()
+    with current_app.extensions["db"].begin() as session:
+        released, woken = notify.sweep(session, db_now(session), settings, outbox)
+    for contact_id in outbox.wake:
+        wake_at(contact_id)
+    if released or woken:
+        logger.warning("[NOTIFY] sweep: %d expired claim(s) given back, %d due row(s) woken", released, woken)
+    return released + woken
