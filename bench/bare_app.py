@@ -40,7 +40,7 @@ LOCK_INCIDENT = text(
     "incidents.state, incidents.policy, incidents.policy_levels, incidents.created_at, "
     "incidents.updated_at, incidents.acknowledged_at, incidents.escalated_at, incidents.resolved_at, "
     "incidents.cancelled_at FROM incidents WHERE incidents.id = :id AND incidents.tenant = :tenant "
-    "FOR UPDATE"
+    "FOR NO KEY UPDATE"
 )
 CLOCK = text("SELECT clock_timestamp() AS clock_timestamp_1")
 INSERT_ESCALATION = text(

@@ -64,9 +64,16 @@ def db_now(session: Session) -> datetime:
     return session.scalar(select(func.clock_timestamp()))
 
 
+# Incidents are locked FOR NO KEY UPDATE: it serialises every engine step on an incident as FOR UPDATE
+# would, but lets other transactions insert rows that refer to it (their foreign key takes KEY SHARE).
+# A notification sender holds its row lock through the provider call and then appends to the timeline;
+# a transition locks the incident and then waits for that row: with FOR UPDATE the two deadlock.
+INCIDENT_LOCK = {"key_share": True}
+
+
 def lock_incident(session: Session, incident_id: uuid.UUID, tenant: str | None = None) -> Incident | None:
-    """Load the incident under a row lock (SELECT ... FOR UPDATE), optionally within one tenant."""
-    stmt = select(Incident).where(Incident.id == incident_id).with_for_update()
+    """Load the incident under a row lock (SELECT ... FOR NO KEY UPDATE), optionally within one tenant."""
+    stmt = select(Incident).where(Incident.id == incident_id).with_for_update(**INCIDENT_LOCK)
     if tenant is not None:
         stmt = stmt.where(Incident.tenant == tenant)
     return session.scalars(stmt).one_or_none()
@@ -94,7 +101,7 @@ def report(session: Session, incident: Incident, *, actor: uuid.UUID) -> tuple[I
                     Incident.dedup_key == incident.dedup_key,
                     Incident.state.in_(ACTIVE_STATES),
                 )
-                .with_for_update()
+                .with_for_update(**INCIDENT_LOCK)
             ).one_or_none()
             if existing is None:
                 continue  # resolved or cancelled meanwhile: the key is free again
@@ -252,7 +259,7 @@ def execute(
             Incident.id
             == select(Escalation.incident_id).where(Escalation.id == escalation_id).scalar_subquery()
         )
-        .with_for_update()
+        .with_for_update(**INCIDENT_LOCK)
     ).one_or_none()
     if incident is None:
         return "missing"

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, insert, literal, or_, select, text, update
+from sqlalchemy import and_, any_, func, insert, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from models.contact import CONTACT_CHANNELS, Contact
@@ -144,7 +144,7 @@ def plan_level(session: Session, incident: Incident, escalation: Escalation, now
             Contact.channel.in_(channels),
             Contact.deleted_at.is_(None),
             Contact.enabled,
-            or_(Contact.levels.is_(None), Contact.levels.any(level)),
+            or_(Contact.levels.is_(None), literal(level) == any_(Contact.levels)),
         )
         .order_by(Contact.created_at)
     )

@@ -1,0 +1,356 @@
+"""The delivery engine's database side (models/notify.py) step by step, on the real Postgres: who a
+level reaches, claims and the throttle, digests, retries, SKIP on transitions, the sweep, and a resolve
+waiting for a send in flight. No worker: each step is called as the tasks call it."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, text, update
+
+from models import engine, notify
+from models.contact import Contact
+from models.engine import EngineSettings, Outbox, db_now
+from models.escalation import Escalation
+from models.incident import Incident, IncidentEvent
+from models.lifecycle import Action, State
+from models.notification import Notification, NotificationStatus, NotificationType
+from models.policy import parse_policies
+from tasks.channels import Outcome
+
+POLICIES = parse_policies(
+    {
+        "default_policy": "two",
+        "policies": {
+            "two": {
+                "levels": [
+                    {"delay": "1h", "notify": ["in_app", "email", "sms"]},
+                    {"delay": "1h", "notify": ["email"]},
+                ]
+            }
+        },
+    }
+)
+SETTINGS = EngineSettings()
+RULES = notify.NotifySettings(rates={"sms": 2, "email": 10, "slack": 20, "webhook": 120})
+
+
+@pytest.fixture(scope="module")
+def db(migrated_database):
+    """This module's own database: no worker sweeps or delivers what these tests write."""
+    from models.db import make_engine, make_session_factory
+
+    factory = make_session_factory(make_engine(migrated_database("notify_unit"), pool_size=4))
+    yield factory
+    factory.kw["bind"].dispose()
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+def contact(db, tenant, channel="email", **fields) -> uuid.UUID:
+    with db.begin() as session:
+        row = Contact(
+            id=uuid.uuid4(),
+            tenant=tenant,
+            name="on call",
+            channel=channel,
+            address=fields.pop("address", "+14155550100" if channel == "sms" else "oncall@example.com"),
+            status_updates=fields.pop("status_updates", False),
+            **fields,
+        )
+        session.add(row)
+    return row.id
+
+
+def execute_level(db, tenant, incident_id=None, notify_override=None) -> tuple[uuid.UUID, Outbox]:
+    """Escalate a new incident (or the given one) and execute its next level now; (incident, outbox)."""
+    outbox = Outbox()
+    with db.begin() as session:
+        if incident_id is None:
+            incident, _ = engine.report(
+                session, Incident(id=uuid.uuid4(), tenant=tenant, title="Disk full"), actor=None
+            )
+            engine.transition(
+                session,
+                incident,
+                Action.ESCALATE,
+                actor=None,
+                policies=POLICIES,
+                settings=SETTINGS,
+                outbox=Outbox(),
+            )
+            incident_id = incident.id
+    with db.begin() as session:
+        values = {"scheduled_at": db_now(session) - timedelta(seconds=1)}
+        if notify_override is not None:
+            values["notify"] = notify_override
+        escalation_id = session.scalar(
+            update(Escalation)
+            .where(Escalation.incident_id == incident_id, Escalation.status == "PENDING")
+            .values(**values)
+            .returning(Escalation.id)
+        )
+    with db.begin() as session:
+        assert engine.execute(session, escalation_id, None, SETTINGS, outbox) == "executed"
+    return incident_id, outbox
+
+
+def rows(db, **where) -> list[Notification]:
+    with db() as session:
+        stmt = select(Notification).order_by(Notification.created_at, Notification.id)
+        for name, value in where.items():
+            stmt = stmt.where(getattr(Notification, name) == value)
+        return session.scalars(stmt).all()
+
+
+def claim(db, contact_id, token=None) -> notify.Claim:
+    with db.begin() as session:
+        return notify.claim(session, contact_id, token or uuid.uuid4(), db_now(session), RULES)
+
+
+def attempt(db, notification_id, token, outcome: Outcome):
+    """begin_send + finish in one transaction, as the deliverer does around the provider call."""
+    with db.begin() as session:
+        started = notify.begin_send(session, notification_id, token, db_now(session))
+        if started is None:
+            return None
+        return notify.finish(session, started, outcome, db_now(session), RULES)
+
+
+def transition(db, incident_id, action: Action) -> Outbox:
+    outbox = Outbox()
+    with db.begin() as session:
+        incident = engine.lock_incident(session, incident_id)
+        engine.transition(
+            session, incident, action, actor=None, policies=POLICIES, settings=SETTINGS, outbox=outbox
+        )
+    return outbox
+
+
+def test_a_level_reaches_the_enabled_contacts_whose_levels_include_it(db, tenant):
+    reached = contact(db, tenant, "email")
+    sms = contact(db, tenant, "sms", levels=[1, 3])
+    contact(db, tenant, "email", levels=[2])  # a later level only
+    contact(db, tenant, "email", enabled=False)
+    contact(db, tenant, "email", deleted_at=text("now()"))
+    contact(db, tenant, "webhook", address="https://example.com/h")  # a channel level 1 does not name
+    contact(db, f"{tenant}-other", "email")  # another tenant's
+    incident_id, outbox = execute_level(db, tenant)
+    written = rows(db, incident_id=incident_id)
+    assert sorted((n.channel, n.status.value) for n in written) == [
+        ("email", "PENDING"),
+        ("in_app", "SENT"),
+        ("sms", "PENDING"),
+    ]
+    assert {n.contact_id for n in written if n.channel != "in_app"} == {reached, sms}
+    assert all(n.level == 1 and n.type is NotificationType.ESCALATED for n in written)
+    assert outbox.wake == {reached, sms}
+
+
+def test_a_snapshot_naming_a_channel_nothing_delivers_gets_a_skipped_row_not_a_crash(db, tenant):
+    incident_id, _ = execute_level(db, tenant, notify_override=["phone", "in_app"])
+    (skipped,) = [n for n in rows(db, incident_id=incident_id) if n.channel == "phone"]
+    assert skipped.status is NotificationStatus.SKIPPED and "cannot be delivered" in skipped.last_error
+
+
+def test_claims_keep_within_the_throttle_and_bundle_the_surplus_into_one_digest(db, tenant):
+    phone = contact(db, tenant, "sms")
+    incidents = [execute_level(db, tenant)[0] for _ in range(6)]
+    token = uuid.uuid4()
+    first = claim(db, phone, token)
+    # Rate 2: one slot for the oldest alert, one for a digest of the other five.
+    assert len(first.ids) == 2 and not first.more and first.wake_at is None
+    digest_id = first.ids[1]
+    (digest,) = rows(db, id=digest_id)
+    assert digest.type is NotificationType.DIGEST and digest.status is NotificationStatus.SENDING
+    members = rows(db, digest_id=digest_id)
+    assert {m.incident_id for m in members} == set(incidents[1:])
+    assert all(m.status is NotificationStatus.SENDING and m.claim_token == token for m in members)
+    assert attempt(db, first.ids[0], token, Outcome("sent", provider_id="SM1")) is None
+    assert attempt(db, digest_id, token, Outcome("sent", provider_id="SM2")) is None
+    assert {m.status for m in rows(db, digest_id=digest_id)} == {NotificationStatus.BUNDLED}
+    # Each member's incident says it was sent (in the digest).
+    with db() as session:
+        sent_events = session.scalars(
+            select(IncidentEvent.incident_id).where(
+                IncidentEvent.type == "notification_sent", IncidentEvent.incident_id.in_(incidents)
+            )
+        ).all()
+    assert sorted(sent_events) == sorted(incidents)
+    # The window is full: a new alert waits for it, and the claim says when to come back.
+    later, _ = execute_level(db, tenant)
+    full = claim(db, phone)
+    assert full.ids == [] and full.wake_at is not None
+    (waiting,) = rows(db, incident_id=later, channel="sms")
+    assert waiting.status is NotificationStatus.PENDING and waiting.next_attempt_at == full.wake_at
+
+
+def test_a_claim_belongs_to_its_deliverer_and_an_alert_is_re_checked_before_it_is_sent(db, tenant):
+    mail = contact(db, tenant)
+    incident_id, _ = execute_level(db, tenant)
+    token = uuid.uuid4()
+    (notification_id,) = claim(db, mail, token).ids
+    assert attempt(db, notification_id, uuid.uuid4(), Outcome("sent")) is None  # not its claim
+    assert rows(db, id=notification_id)[0].status is NotificationStatus.SENDING
+    # The incident is resolved between the claim and the send: nothing is sent.
+    with db.begin() as session:
+        session.execute(update(Incident).where(Incident.id == incident_id).values(state=State.RESOLVED))
+    assert attempt(db, notification_id, token, Outcome("sent")) is None
+    (row,) = rows(db, id=notification_id)
+    assert row.status is NotificationStatus.SKIPPED and "resolved" in row.last_error
+
+
+def test_transient_failures_retry_with_backoff_then_fail_with_the_reason(db, tenant):
+    mail = contact(db, tenant)
+    incident_id, _ = execute_level(db, tenant)
+    token = uuid.uuid4()
+    (notification_id,) = claim(db, mail, token).ids
+    retry_at = attempt(db, notification_id, token, Outcome("retry", error="connection refused"))
+    (row,) = rows(db, id=notification_id)
+    assert (
+        row.status is NotificationStatus.PENDING
+        and row.attempts == 1
+        and row.last_error == "connection refused"
+    )
+    assert timedelta(seconds=1.5) < retry_at - row.updated_at <= timedelta(seconds=2.5)
+    # Retry-After wins over a shorter backoff.
+    with db.begin() as session:
+        session.execute(
+            update(Notification)
+            .where(Notification.id == notification_id)
+            .values(next_attempt_at=text("now()"))
+        )
+    (again,) = claim(db, mail, token).ids
+    retry_at = attempt(db, again, token, Outcome("retry", error="429", retry_after_s=30))
+    assert retry_at - rows(db, id=notification_id)[0].updated_at >= timedelta(seconds=30)
+    # Past the retry period, the next transient failure is final.
+    with db.begin() as session:
+        session.execute(
+            update(Notification)
+            .where(Notification.id == notification_id)
+            .values(next_attempt_at=text("now()"), created_at=text("now() - interval '16 minutes'"))
+        )
+    (last,) = claim(db, mail, token).ids
+    assert attempt(db, last, token, Outcome("retry", error="503 Service Unavailable")) is None
+    (row,) = rows(db, id=notification_id)
+    assert row.status is NotificationStatus.FAILED and row.attempts == 3
+    assert "still failing after 3 attempts" in row.last_error and "503" in row.last_error
+    with db() as session:
+        types = session.scalars(
+            select(IncidentEvent.type).where(IncidentEvent.incident_id == incident_id)
+        ).all()
+    assert "notification_failed" in types
+
+
+def test_a_permanent_failure_fails_at_once(db, tenant):
+    mail = contact(db, tenant)
+    execute_level(db, tenant)
+    token = uuid.uuid4()
+    (notification_id,) = claim(db, mail, token).ids
+    assert attempt(db, notification_id, token, Outcome("failed", error="550 no such user")) is None
+    (row,) = rows(db, id=notification_id)
+    assert (row.status, row.attempts, row.last_error) == (NotificationStatus.FAILED, 1, "550 no such user")
+
+
+def test_resolve_skips_unsent_alerts_and_tells_contacts_that_were_paged(db, tenant):
+    paged = contact(db, tenant, "email", status_updates=True)
+    quiet = contact(db, tenant, "email", status_updates=False)
+    late = contact(db, tenant, "email", status_updates=True, levels=[2])
+    incident_id, _ = execute_level(db, tenant)
+    token = uuid.uuid4()
+    (sent_id,) = claim(db, paged, token).ids
+    attempt(db, sent_id, token, Outcome("sent"))
+    (quiet_id,) = claim(db, quiet, uuid.uuid4()).ids  # claimed (SENDING), not sent yet
+    outbox = transition(db, incident_id, Action.RESOLVE)
+    by_contact = {(n.contact_id, n.type): n for n in rows(db, incident_id=incident_id) if n.contact_id}
+    assert by_contact[(paged, NotificationType.ESCALATED)].status is NotificationStatus.SENT
+    skipped = by_contact[(quiet, NotificationType.ESCALATED)]
+    assert skipped.id == quiet_id and skipped.status is NotificationStatus.SKIPPED
+    assert "resolved" in skipped.last_error
+    # Only the contact that was paged and wants status updates hears of the resolution.
+    update_row = by_contact[(paged, NotificationType.RESOLVED)]
+    assert update_row.status is NotificationStatus.PENDING
+    assert (quiet, NotificationType.RESOLVED) not in by_contact and (
+        late,
+        NotificationType.RESOLVED,
+    ) not in by_contact
+    assert outbox.wake == {paged}
+
+
+def test_a_resolve_waits_for_a_send_in_flight_so_nothing_arrives_after_it_commits(db, tenant):
+    mail = contact(db, tenant)
+    incident_id, _ = execute_level(db, tenant)
+    token = uuid.uuid4()
+    (notification_id,) = claim(db, mail, token).ids
+    provider_called = threading.Event()
+    resolved_at: list[float] = []
+
+    def resolve():
+        provider_called.wait(5)
+        transition(db, incident_id, Action.RESOLVE)
+        resolved_at.append(time.monotonic())
+
+    resolver = threading.Thread(target=resolve)
+    resolver.start()
+    with db.begin() as session:
+        started = notify.begin_send(session, notification_id, token, db_now(session))
+        provider_called.set()
+        time.sleep(1.0)  # the provider takes its time; the resolve is waiting meanwhile
+        accepted_at = time.monotonic()
+        notify.finish(session, started, Outcome("sent"), db_now(session), RULES)
+    resolver.join(10)
+    assert resolved_at and resolved_at[0] > accepted_at
+    (row,) = rows(db, id=notification_id)
+    assert row.status is NotificationStatus.SENT  # sent before the resolve committed, and so recorded
+
+
+def test_the_sweep_gives_back_expired_claims_and_wakes_forgotten_rows_but_never_one_being_sent(db, tenant):
+    mail = contact(db, tenant)
+    other = contact(db, tenant)
+    execute_level(db, tenant)
+    token = uuid.uuid4()
+    (in_flight,) = claim(db, mail, token).ids
+    (expired,) = claim(db, other, uuid.uuid4()).ids
+    with db.begin() as session:
+        session.execute(
+            update(Notification)
+            .where(Notification.id.in_([in_flight, expired]))
+            .values(claimed_until=text("now() - interval '1 second'"))
+        )
+    with db.begin() as sending:
+        assert notify.begin_send(sending, in_flight, token, db_now(sending)) is not None  # its lock held
+        outbox = Outbox()
+        with db.begin() as session:
+            released, _ = notify.sweep(session, db_now(session), RULES, outbox)
+        assert released >= 1 and other in outbox.wake
+        assert rows(db, id=expired)[0].status is NotificationStatus.PENDING
+        assert rows(db, id=in_flight)[0].status is NotificationStatus.SENDING
+        sending.rollback()
+    # A due row nobody took for longer than the grace: its contact's deliverer is woken.
+    with db.begin() as session:
+        session.execute(
+            update(Notification)
+            .where(Notification.id == expired)
+            .values(next_attempt_at=text("now() - interval '1 hour'"))
+        )
+    outbox = Outbox()
+    with db.begin() as session:
+        notify.sweep(session, db_now(session), RULES, outbox)
+    assert other in outbox.wake
+
+
+def test_a_deleted_contact_stops_receiving_and_keeps_its_history(db, tenant):
+    mail = contact(db, tenant)
+    execute_level(db, tenant)
+    with db.begin() as session:
+        session.execute(update(Contact).where(Contact.id == mail).values(deleted_at=text("now()")))
+    assert claim(db, mail).ids == []
+    (row,) = rows(db, contact_id=mail)
+    assert row.status is NotificationStatus.SKIPPED and row.last_error == "contact deleted"
