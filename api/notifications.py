@@ -6,6 +6,7 @@ Also the keyset paging and the delivery-log query that api/contacts.py shares.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC
 from typing import Any
 
 from flask import g
@@ -154,7 +155,8 @@ def mark_all_read(data):
     """Mark every unread inbox entry created up to now (or up to `before`) read; returns how many."""
     session = db_session()
     now = db_now(session)
-    cutoff = min(now, data["before"]) if data.get("before") else now
+    # In UTC: Postgres refuses offsets beyond ±15:59, which ISO 8601 (and so the schema) allows.
+    cutoff = min(now, data["before"].astimezone(UTC)) if data.get("before") else now
     result = session.execute(
         update(Notification)
         .where(

@@ -226,6 +226,14 @@ def test_read_all_before_a_moment(client, app, tenant, base):
     ).get_json() == {"count": 2}
 
 
+def test_read_all_before_a_moment_with_an_offset_postgres_cannot_store(client, tenant):
+    """ISO 8601 allows offsets up to ±23:59, Postgres only ±15:59 (schemathesis found the 500)."""
+    response = client.post(
+        "/notifications/read-all", json={"before": "1882-03-22T09:16:26+16:17"}, headers=tenant.write
+    )
+    assert response.status_code == 200 and response.get_json() == {"count": 0}
+
+
 @pytest.mark.parametrize(
     ("body", "errors"),
     [
