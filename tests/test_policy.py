@@ -202,7 +202,7 @@ def test_fast_test_policy_file_loads():
         "single": [500],
         "held": [4000, 1000],
     }
-    assert [lv.notify for lv in policies.get("fast").levels] == [("in_app",), ("email",), ("sms",)]
+    assert [lv.notify for lv in policies.get("fast").levels] == [("in_app", "webhook"), ("email",), ("sms",)]
     assert policies.get("single").levels[0].as_json() == {"delay_ms": 500, "notify": ["sms"]}
 
 

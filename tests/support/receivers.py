@@ -288,3 +288,28 @@ class HangListener:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _PrintingReceiver(HttpReceiver):
+    def _next_reply(self, request: ReceivedRequest) -> tuple[int, dict[str, str], bytes]:
+        signed = {k: v for k, v in request.headers.items() if k.startswith("webhook-")}
+        body = request.body.decode(errors="replace")
+        print(f"{request.method} {request.path} {json.dumps(signed)}\n{body}\n", flush=True)
+        return super()._next_reply(request)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m tests.support.receivers PORT`: a webhook receiver that prints what it gets (README)."""
+    port = int(argv[0]) if argv else 8099
+    _PrintingReceiver(port).start()
+    print(f"listening on http://127.0.0.1:{port}, printing every request (Ctrl-C to stop)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
