@@ -171,8 +171,7 @@ def on_transition(session: Session, incident: Incident, target: State, now: date
     # A send in flight holds its row lock for at most one provider attempt; wait for it rather than
     # fail the transition (the server-wide lock and statement timeouts are shorter).
     wait_ms = int(1000 * (NotifySettings.attempt_timeout_s + NotifySettings.claim_margin_s))
-    session.execute(text(f"SET LOCAL lock_timeout = {wait_ms}"))
-    session.execute(text(f"SET LOCAL statement_timeout = {2 * wait_ms}"))
+    session.execute(text(f"SET LOCAL lock_timeout = {wait_ms}; SET LOCAL statement_timeout = {2 * wait_ms}"))
     session.execute(
         update(Notification)
         .where(

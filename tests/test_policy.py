@@ -555,7 +555,7 @@ def test_policy_check_defaults_to_the_file_in_force(app):
     assert lines[0] == f"{FAST}: OK, default policy 'fast'"
     assert lines[1:5] == [
         "fast:",
-        "  level 1: +    1s (at 1s after escalation) -> in_app",
+        "  level 1: +    1s (at 1s after escalation) -> in_app, webhook",
         "  level 2: +    1s (at 2s after escalation) -> email",
         "  level 3: +    1s (at 3s after escalation) -> sms",
     ]
