@@ -145,8 +145,10 @@ class _BoundedSMTP(smtplib.SMTP):
         # smtplib's own hook for making the connection (SMTP_SSL overrides it the same way).
         sock = super()._get_socket(host, port, timeout)
         self._deadline.watch(sock)
-        # Per-read timeouts may now be as long as the attempt: the Deadline ends it on time.
-        sock.settimeout(self._deadline.remaining())
+        # Per-read timeouts may now be as long as the attempt: the Deadline ends it on time. A second
+        # beyond it, so that the Deadline (whose error says why) always fires first: with the same
+        # value the socket's own timeout won half of the races and read as "disconnected".
+        sock.settimeout(self._deadline.remaining() + 1.0)
         if self._implicit_tls is not None:
             sock = self._implicit_tls.wrap_socket(sock, server_hostname=host)
         return sock
