@@ -165,3 +165,18 @@ def web(
         "5",
     ]
     return Process(name, cmd, env, log_dir / f"{name}.log", port=port)
+
+
+def flower(
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    name: str = "flower",
+    basic_auth: str = "faults:faults",
+    app: str = "tasks.app:celery_app",
+) -> Process:
+    """Flower on a free port (the Procfile's flower process), with FLOWER_BASIC_AUTH in its
+    environment as the Procfile requires; ready when its port answers."""
+    port = free_port()
+    cmd = [str(BIN / "celery"), "-A", app, "flower", f"--port={port}", "--address=127.0.0.1"]
+    return Process(name, cmd, {**env, "FLOWER_BASIC_AUTH": basic_auth}, log_dir / f"{name}.log", port=port)
