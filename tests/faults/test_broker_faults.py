@@ -1,9 +1,19 @@
-"""Redis misbehaving: restarted empty, FLUSHALL, stopped during a burst, accepting connections and
-never answering, and a visibility timeout below a level's delay (redelivery storms)."""
+"""Redis misbehaving: killed and restarted empty, FLUSHALL, restarted with its data, down for a minute,
+restarted five times within a minute, stopped during a burst, accepting connections and never
+answering, and a visibility timeout below a level's delay (redelivery storms).
+
+In the broker faults proper (scenarios 3, 4, 12, 13, 14) no process may exit and every one must be
+the very process that started (same pid): a broker restart is routine and the engine must ride
+through it (issue 8). Scenarios 3, 12, 13 and 14 break Redis while web, worker, beat and Flower run,
+while the worker holds a couple of hundred level-1 escalations as ETA tasks (due 10 to 17 s out,
+within the 60 s horizon) and while transitions keep arriving through the API.
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -12,46 +22,252 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from tests.faults.stack import Supervisor, scale, verdict
+from tests.faults.stack import Traffic, scale, verdict
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.faults
 
-# Levels due while Redis was gone are handed over again by the sweep once they are overdue by the
-# redelivery grace (2 s); the sweep itself needs the broker back, and the workers reconnect (or are
-# restarted by their supervisor). The bound these scenarios state:
-BROKER_BOUND_S = 20
+# The held incidents are spread over eight policies whose level 1 is due 10, 11, ... 17 s after the
+# escalation: a worker holds each as an ETA task until then, and they fall due ~25 a second, not all
+# at once. Level 2 follows 1 s later.
+HELD_DELAYS_S = range(10, 18)
+HELD_POLICY = """\
+default_policy: fast
+policies:
+  fast:
+    levels:
+      - {delay: 2s, notify: [in_app]}
+      - {delay: 1s, notify: [email]}
+      - {delay: 1s, notify: [sms]}
+""" + "".join(
+    f"  held{d}:\n    levels:\n      - {{delay: {d}s, notify: [in_app]}}\n"
+    "      - {delay: 1s, notify: [sms]}\n"
+    for d in HELD_DELAYS_S
+)
+TRAFFIC_RATE = 2.0  # incidents created and escalated per second during the fault
 
 
-@pytest.mark.parametrize("how", ["restart-empty", "flushall"])
-def test_s3_redis_loses_everything(make_stack, how):
-    n = scale("s3_incidents", 200)
-    stack = make_stack()
-    web, worker, beat = stack.web(), stack.worker(), stack.beat()
-    stack.start(web, worker, beat)
+def _unacked(stack) -> int:
+    client = redis.Redis.from_url(stack.redis.url, socket_timeout=2)
+    try:
+        return client.hlen("unacked")
+    finally:
+        client.close()
+
+
+def _queued(stack) -> int:
+    client = redis.Redis.from_url(stack.redis.url, socket_timeout=2)
+    try:
+        return client.llen(stack.base_env["CELERY_QUEUE"])
+    finally:
+        client.close()
+
+
+def _held_stack(make_stack, **kwargs):
+    """web, worker, beat and Flower, and `held` incidents escalated: returns (stack, ids, received)
+    once the worker has received every level 1 (it holds them as ETA tasks, unacknowledged)."""
+    n = scale("held", 200)
+    stack = make_stack(policy=HELD_POLICY, **kwargs)
+    web, worker, beat, flower = stack.web(), stack.worker(), stack.beat(), stack.flower()
+    stack.start(web, worker, beat, flower)
     api = stack.client(web)
-    ids = stack.open_incidents(n)
-    pending = stack.pending()
-    with Supervisor(worker, beat) as supervisor:
-        if how == "flushall":
-            client = redis.Redis.from_url(stack.redis.url)
-            client.flushall()
-            client.close()
-        else:
-            stack.redis.restart()  # kill -9 and start again, empty, on the same port
-        # New work right after the loss must not be lost either (queues and bindings are gone).
-        after = stack.open_incidents(scale("s3_after", 50))
-        for incident_id in ids[: len(ids) // 4]:
-            api.act(incident_id, "resolve")
-        waited = stack.settle(90)
-    figures = stack.check(lateness_bound_s=BROKER_BOUND_S)
+    delays = list(HELD_DELAYS_S)
+
+    def one(i):
+        incident_id = api.create(policy=f"held{delays[i % len(delays)]}")
+        return incident_id if incident_id and api.act(incident_id, "escalate").status == 200 else None
+
+    with ThreadPoolExecutor(12) as pool:
+        ids = [i for i in pool.map(one, range(n)) if i]
+    assert len(ids) == n, f"only {len(ids)} of {n} incidents created and escalated with a healthy Redis"
+    wait_until(lambda: stack.received() >= n, 30, interval=0.2, what=f"the worker holding all {n} level 1")
+    return stack, ids, stack.received()
+
+
+def _held_scenario(stack, ids, held, fault, *, scenario, broken, after=None):
+    """Run `fault` (which records its outages with stack.outage()) while Traffic
+    keeps transitions arriving (and resolves some of the held incidents), until every held level has
+    fallen due and a few seconds more. Then the checks every such scenario shares, and after(figures)
+    -> the scenario's own figures (it may add violations)."""
+    started = time.monotonic()
+    with stack.supervise(), Traffic(stack.api, rate=TRAFFIC_RATE, resolvable=ids[: len(ids) // 4]) as traffic:
+        fault()
+        # Transitions go on arriving until the last held level fell due, and 2 s more.
+        time.sleep(max(2.0, max(HELD_DELAYS_S) + 2 - (time.monotonic() - started)))
+    fault_s = time.monotonic() - started
+    waited = stack.settle(60)
+    redelivered, handed = stack.swept()
+    # Minimum work: the held incidents and at least half the traffic's ticks created and escalated;
+    # at least the held incidents nobody resolved ran both their levels.
+    least_traffic = int(TRAFFIC_RATE * fault_s / 2)
+    figures = stack.check(
+        same_pids=True,
+        minimum={
+            "incidents": len(ids) + least_traffic,
+            "escalated": len(ids) + least_traffic,
+            "executed": 2 * (len(ids) - len(ids) // 4),
+        },
+    )
+    if held < len(ids):
+        figures.violate(f"[0] the worker held {held} level-1 ETA tasks, not all {len(ids)}")
+    if redelivered == 0:
+        # Redis or the worker lost messages the engine needed: only the sweep can have run those
+        # levels. If it re-delivered nothing, the scenario did not test what it says.
+        figures.violate(
+            "[0] the sweep re-delivered nothing: the fault lost nothing the engine had to recover"
+        )
     verdict(
-        f"3. Redis {how}",
-        f"Redis {'killed and restarted empty' if how != 'flushall' else 'FLUSHALL'} with {pending} "
-        f"escalations PENDING, most held by the worker as ETA tasks; {len(after)} more incidents "
-        "escalated right after, a quarter of the first ones resolved",
+        scenario,
+        broken,
         figures,
+        stack=stack,
+        held_eta_tasks=held,
+        traffic_incidents=len(traffic.created),
+        held_resolved_during_fault=traffic.resolved_held,
+        swept_redelivered=redelivered,
+        swept_handed_over=handed,
+        worst_handover_after_broker_back_s=round(figures.worst_handover_after_recovery_s, 1),
+        worst_execution_after_broker_back_s=round(figures.worst_after_recovery_s, 1),
+        fault_s=round(fault_s, 1),
         settled_s=round(waited, 1),
-        process_restarts=supervisor.restarts,
+        **(after(figures) if after else {}),
+    )
+
+
+def test_s3_redis_restarted_empty(make_stack):
+    stack, ids, held = _held_stack(make_stack)
+    unacked = _unacked(stack)
+
+    def fault():
+        with stack.outage("redis killed and restarted empty"):
+            stack.redis.restart()  # kill -9 and start again, empty, on the same port
+
+    _held_scenario(
+        stack,
+        ids,
+        held,
+        fault,
+        scenario="3. Redis restart-empty",
+        broken=f"Redis killed and restarted empty while the worker held {held} level-1 escalations as ETA "
+        f"tasks ({unacked} unacknowledged in Redis) and {TRAFFIC_RATE:g} incidents/s were created, "
+        "escalated, resolved",
+    )
+
+
+def test_s3_redis_flushall(make_stack):
+    stack, ids, held = _held_stack(make_stack)
+    worker = stack.workers()[0]
+    seen: dict[str, int] = {}
+
+    def fault():
+        # A FLUSHALL only loses what waits in Redis: a live worker pulls every message at once (each
+        # carries an ETA) and keeps its held ones in memory. So the flush comes while messages wait:
+        # the worker frozen (SIGSTOP: a VM pause, a stop-the-world stall) for 3 s as transitions keep
+        # arriving, then FLUSHALL, then the worker goes on (SIGCONT), as the very same process.
+        with stack.outage("worker frozen, redis FLUSHALL"):
+            os.killpg(worker.process.pid, signal.SIGSTOP)
+            try:
+                time.sleep(3)
+                seen["queued"], seen["unacked"] = _queued(stack), _unacked(stack)
+                client = redis.Redis.from_url(stack.redis.url)
+                client.flushall()
+                client.close()
+            finally:
+                os.killpg(worker.process.pid, signal.SIGCONT)
+
+    _held_scenario(
+        stack,
+        ids,
+        held,
+        fault,
+        scenario="3. Redis flushall",
+        broken=f"Redis FLUSHALL while the worker held {held} level-1 escalations as ETA tasks and, frozen "
+        f"for 3 s (SIGSTOP), had not taken the messages of the {TRAFFIC_RATE:g} incidents/s arriving "
+        "meanwhile",
+        after=lambda figures: flushed(figures, seen),
+    )
+
+
+def flushed(figures, seen: dict[str, int]) -> dict[str, int]:
+    if not seen.get("queued"):
+        # Nothing waited in Redis: the flush destroyed nothing the engine needed.
+        figures.violate(f"[0] no message waited in Redis when it was flushed: {seen}")
+    return {"queued_at_flush": seen.get("queued"), "unacked_at_flush": seen.get("unacked")}
+
+
+def test_s12_redis_restarted_with_its_data(make_stack):
+    stack, ids, held = _held_stack(make_stack, durable_redis=True)
+    kept: dict[str, int] = {}
+
+    def fault():
+        kept["before"] = _unacked(stack)
+        with stack.outage("redis restarted with its data"):
+            stack.redis.restart_graceful()  # SIGTERM (the append-only file is flushed), start again
+        kept["after"] = _unacked(stack)
+
+    _held_scenario(
+        stack,
+        ids,
+        held,
+        fault,
+        scenario="12. Redis restarted with its data",
+        broken=f"Redis shut down gracefully and started again with its data (append-only file) while the "
+        f"worker held {held} level-1 escalations as ETA tasks and {TRAFFIC_RATE:g} incidents/s arrived",
+        after=lambda figures: kept_its_data(figures, held, kept),
+    )
+
+
+def kept_its_data(figures, held: int, kept: dict[str, int]) -> dict[str, int]:
+    # It did keep its data: every unacknowledged message is still there after the restart.
+    if not (kept.get("before", 0) >= held and kept.get("after") == kept.get("before")):
+        figures.violate(f"[0] Redis did not keep its data across the restart: unacked {kept}, held {held}")
+    return {"unacked_before_restart": kept.get("before"), "unacked_after_restart": kept.get("after")}
+
+
+def test_s13_redis_down_for_a_minute(make_stack):
+    down_s = scale("s13_down_s", 60)
+    stack, ids, held = _held_stack(make_stack)
+
+    def fault():
+        with stack.outage(f"redis down {down_s} s"):
+            stack.redis.stop(kill=True)
+            time.sleep(down_s)
+            stack.redis.start()  # empty: what it held is gone
+
+    _held_scenario(
+        stack,
+        ids,
+        held,
+        fault,
+        scenario="13. Redis down for a minute",
+        broken=f"Redis kill -9, started again (empty) {down_s} s later, while the worker held {held} "
+        f"level-1 escalations as ETA tasks (all falling due meanwhile) and {TRAFFIC_RATE:g} incidents/s "
+        "arrived",
+        after=lambda figures: {"down_s": down_s},
+    )
+
+
+def test_s14_five_redis_restarts_within_a_minute(make_stack):
+    restarts, every_s = 5, 6.0
+    stack, ids, held = _held_stack(make_stack)
+
+    def fault():
+        for index in range(restarts):
+            if index:
+                time.sleep(every_s)
+            with stack.outage(f"redis restart {index + 1}"):
+                stack.redis.restart()
+
+    _held_scenario(
+        stack,
+        ids,
+        held,
+        fault,
+        scenario="14. five Redis restarts within a minute",
+        broken=f"Redis killed and restarted empty {restarts} times, {every_s:g} s apart, while the worker "
+        f"held {held} level-1 escalations as ETA tasks (falling due between restarts) and {TRAFFIC_RATE:g} "
+        "incidents/s arrived",
+        after=lambda figures: {"restarts_of_redis": restarts},
     )
 
 
@@ -68,26 +284,34 @@ def test_s4_redis_stopped_during_a_burst(make_stack):
         if incident_id and api.act(incident_id, "escalate").status == 200 and i % 3 == 0:
             api.act(incident_id, "resolve")
 
-    with Supervisor(worker, beat) as supervisor, ThreadPoolExecutor(8) as pool:
+    with stack.supervise(), ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(n)]
         while sum(f.done() for f in futures) < n // 3:
             time.sleep(0.05)
-        stack.redis.stop(kill=True)
-        time.sleep(outage_s)
-        stack.redis.start()
+        with stack.outage(f"redis down {outage_s:g} s"):
+            stack.redis.stop(kill=True)
+            time.sleep(outage_s)
+            stack.redis.start()
         for future in futures:
             future.result()
         waited = stack.settle(90)
     during = [r for r in api.records if r.status == 200 and r.path.endswith(("/escalate", "/resolve"))]
-    figures = stack.check(lateness_bound_s=BROKER_BOUND_S, response_bound_s=5)
+    figures = stack.check(
+        response_bound_s=5,
+        same_pids=True,
+        # Every create and escalate answers with Redis down (the sweep delivers later); two thirds
+        # of the incidents run their three levels.
+        minimum={"incidents": n, "escalated": n, "executed": 3 * (n - (n + 2) // 3)},
+    )
     verdict(
         "4. Redis stopped during a burst",
         f"Redis kill -9 a third of the way into a burst of {n} create+escalate (a third resolved), "
         f"started again {outage_s:g} s later",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
-        process_restarts=supervisor.restarts,
         transitions_answered=len(during),
+        worst_execution_after_broker_back_s=round(figures.worst_after_recovery_s, 1),
     )
 
 
@@ -136,20 +360,33 @@ def test_s5_redis_that_never_answers(make_stack):
             list(pool.map(lambda i: api.act(i, "resolve"), ids[: n // 4]))
         waited = stack.settle(60)
         health = api.call("GET", "/health", record=False)
+        redelivered, handed = stack.swept()
     finally:
         hole.close()
     transitions = [r for r in api.records if r.path.endswith(("/escalate", "/resolve"))]
-    figures = stack.check(lateness_bound_s=BROKER_BOUND_S, response_bound_s=bound_s)
+    figures = stack.check(
+        response_bound_s=bound_s,
+        minimum={"incidents": n, "escalated": n, "executed": 3 * (n - n // 4)},
+    )
+    if not (health.status == 503 and "broker" in health.text):
+        figures.violate(
+            f"[5] /health answered {health.status} {health.text[:200]!r}, not a 503 naming the broker"
+        )
+    if redelivered + handed < n - n // 4:
+        # Nothing the API published reached a worker: every level 1 must have been handed over by a sweep.
+        figures.violate(f"[0] the sweeps handed over {redelivered + handed} levels, fewer than the level 1s")
     verdict(
         "5. Redis accepts and never answers",
         f"the API's REDIS_URL points at a TCP listener that accepts and never answers; {len(transitions)} "
         f"transitions must answer within {bound_s} s",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
         worst_transition_s=round(max(r.elapsed_s for r in transitions), 3),
         health_status=health.status,
+        swept_redelivered=redelivered,
+        swept_handed_over=handed,
     )
-    assert health.status == 503 and "broker" in health.text
 
 
 def test_s9_visibility_timeout_below_the_level_delay(make_stack):
@@ -182,13 +419,18 @@ policies:
     waited = stack.settle(90)
     logs = "".join(stack.worker_logs())
     received = len(re.findall(r"Task escalations\.execute\[[^\]]+\] received", logs))
-    figures = stack.check(lateness_bound_s=BROKER_BOUND_S)
+    figures = stack.check(
+        minimum={"incidents": n, "escalated": n, "executed": 2 * n},
+    )
+    if received <= 1.5 * figures.escalations:
+        figures.violate(
+            f"[0] no redelivery storm: {received} deliveries for {figures.escalations} escalations"
+        )
     verdict(
         "9. visibility timeout below the delay",
         "workers' visibility timeout 2 s (restore every 1 s) under a 7 s level-1 delay, two workers",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
         deliveries=received,
     )
-    # The storm did happen: far more deliveries than escalations.
-    assert received > 1.5 * figures.escalations, (received, figures.escalations)

@@ -1,5 +1,5 @@
-"""Postgres restarted under load, resolve racing with execution, 50 conflicting transitions on one
-incident, and two beats with two workers."""
+"""Postgres restarted (fast shutdown) and killed (kill -9) under load, resolve racing with execution, 50
+conflicting transitions on one incident, and two beats with two workers."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from tests.faults.stack import scale, verdict
 
 pytestmark = pytest.mark.faults
 
-NORMAL_BOUND_S = 15
 
-
-def test_s6_postgres_restarted_under_load(make_stack):
+def _postgres_outage(make_stack, kill: bool, scenario: str, how: str):
+    """6 clients create, escalate, resolve and read incidents for `seconds`, each at most `pace`
+    incidents a second (together about what the workers execute: the scenario is about the outage,
+    not an overload); a third of the way in, Postgres goes away (a fast shutdown, or kill -9 of the
+    postmaster and every backend) for 3 s."""
     seconds = scale("s6_seconds", 12)
+    pace = float(scale("s6_pace", 3))
     outage_s = 3.0
     stack = make_stack()
     web, worker, beat = stack.web(), stack.worker(), stack.beat()
@@ -30,7 +33,7 @@ def test_s6_postgres_restarted_under_load(make_stack):
     rng = random.Random(6)
 
     def client():
-        while not stop.is_set():
+        while not stop.wait(1 / pace):
             incident_id = api.create()
             if incident_id is None:
                 time.sleep(0.1)
@@ -43,11 +46,14 @@ def test_s6_postgres_restarted_under_load(make_stack):
     for thread in threads:
         thread.start()
     time.sleep(seconds / 3)
-    outage_started = time.monotonic()
-    stack.pg.stop()  # fast shutdown: every connection of web, worker and beat is cut
-    time.sleep(outage_s)
-    stack.pg.start()
-    outage = time.monotonic() - outage_started
+    with stack.outage(f"postgres {how}"):
+        if kill:
+            stack.kill_postgres()  # kill -9: no checkpoint, crash recovery at the next start
+        else:
+            stack.pg.stop()  # fast shutdown: every connection of web, worker and beat is cut
+        time.sleep(outage_s)
+        stack.pg.start()
+    outage = (stack.outages[-1][1] - stack.outages[-1][0]).total_seconds()
     time.sleep(seconds * 2 / 3)
     stop.set()
     for thread in threads:
@@ -56,19 +62,42 @@ def test_s6_postgres_restarted_under_load(make_stack):
     after = [api.create() for _ in range(20)]
     recovered = all(after) and all(api.act(i, "escalate").status == 200 for i in after)
     waited = stack.settle(90)
-    figures = stack.check(lateness_bound_s=30, response_bound_s=8)
+    # Six clients for 12 s at 3 a second create a couple of hundred incidents; half that at least, and
+    # the escalated ones run their levels (a third are resolved at once).
+    least = int(6 * pace * seconds / 2)
+    figures = stack.check(
+        response_bound_s=8, minimum={"incidents": least, "escalated": least, "executed": least}
+    )
     unavailable = figures.statuses.get("503", 0)
+    if unavailable == 0:
+        figures.violate("[0] the outage was not seen: no request answered 503")
+    if not recovered:
+        figures.violate("[5] requests after Postgres was back did not all succeed")
     verdict(
-        "6. Postgres restarted under load",
-        f"Postgres stopped (fast shutdown) for {outage:.1f} s while 6 clients created, escalated, "
-        "resolved and read incidents; workers and beat cut off too",
+        scenario,
+        f"Postgres {how} for {outage:.1f} s while 6 clients created ({pace:g}/s each), escalated, resolved "
+        "and read incidents; workers and beat cut off too",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
         answered_503=unavailable,
         recovered=recovered,
     )
-    assert unavailable > 0, "the outage was not seen: no 503"
-    assert recovered, "requests after the restart did not all succeed"
+
+
+def test_s6_postgres_restarted_under_load(make_stack):
+    _postgres_outage(
+        make_stack, kill=False, scenario="6. Postgres restarted under load", how="stopped (fast shutdown)"
+    )
+
+
+def test_s15_postgres_killed_under_load(make_stack):
+    _postgres_outage(
+        make_stack,
+        kill=True,
+        scenario="15. Postgres kill -9 under load",
+        how="kill -9 (postmaster and backends)",
+    )
 
 
 def test_s7_resolve_races_the_level_falling_due(make_stack):
@@ -111,19 +140,25 @@ policies:
     outcome = Counter(
         status for (status,) in stack.sql("SELECT status FROM escalations WHERE escalation_level = 1")
     )
-    figures = stack.check(lateness_bound_s=NORMAL_BOUND_S)
+    figures = stack.check(minimum={"incidents": n, "escalated": n, "executed": n // 20})
+    refused = [a for a in answers if a.status != 200]
+    if refused:
+        figures.violate(
+            f"[7] {len(refused)} of the racing transitions were refused, e.g. {refused[0].status}"
+        )
+    # The race was run: both sides won it many times.
+    if not (outcome["EXECUTED"] > n // 20 and outcome["CANCELLED"] > n // 20):
+        figures.violate(f"[7] the race was not run: level 1 outcomes {dict(outcome)}")
     verdict(
         "7. resolve races the level falling due",
         f"{len(answers)} incidents resolved, acknowledged or cancelled as their level 1 fell due "
         "(sent 250 ms before to 50 ms after), two workers executing",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
         level1_executed_first=outcome["EXECUTED"],
         level1_cancelled_first=outcome["CANCELLED"],
     )
-    assert all(a.status == 200 for a in answers)
-    # The race was run: both sides won it many times.
-    assert outcome["EXECUTED"] > n // 20 and outcome["CANCELLED"] > n // 20, outcome
 
 
 def test_s8_fifty_concurrent_conflicting_transitions(make_stack):
@@ -159,7 +194,10 @@ def test_s8_fifty_concurrent_conflicting_transitions(make_stack):
                     refused_in = State(r.json_body["errors"]["state"][0])
                     assert TARGET[Action(action)] not in ALLOWED[refused_in], (action, refused_in)
     waited = stack.settle(60)
-    figures = stack.check(lateness_bound_s=NORMAL_BOUND_S, allowed_statuses=frozenset({200, 201, 409}))
+    # Half the incidents escalate before the race; nothing promises that any level runs.
+    figures = stack.check(
+        allowed_statuses=frozenset({200, 201, 409}), minimum={"incidents": m, "escalated": m // 2}
+    )
     # Each 200 is exactly one transition event, in the order the answers' timestamps say.
     events = stack.sql(
         "SELECT incident_id::text, to_state, at FROM incident_events "
@@ -180,6 +218,7 @@ def test_s8_fifty_concurrent_conflicting_transitions(make_stack):
         "8. 50 concurrent conflicting transitions",
         f"{k} concurrent random transitions on each of {m} incidents (half of them escalating)",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
         transitions_won=sum(len(w) for w in won.values()),
     )
@@ -194,14 +233,33 @@ def test_s10_two_beats_and_two_workers(make_stack):
     w1, w2, b1, b2 = stack.worker("w1"), stack.worker("w2"), stack.beat("b1"), stack.beat("b2")
     stack.start(web, w1, w2, b1, b2)
     stack.client(web)
+    started = time.monotonic()
     stack.open_incidents(n)
     waited = stack.settle(60)
-    figures = stack.check(lateness_bound_s=NORMAL_BOUND_S)
+    elapsed = time.monotonic() - started
+    figures = stack.check(minimum={"incidents": n, "escalated": n, "executed": 3 * n})
     sweeps = sum(text.count("escalations.sweep[") for text in stack.worker_logs()) // 2
+    sent = {b.name: b.log_text().count("Sending due task sweep-escalations") for b in (b1, b2)}
+    redelivered, handed = stack.swept()
+    # Both beats sent their sweeps (one a second each, the interval), and the workers ran them.
+    for name, count in sent.items():
+        if count < elapsed / 2:
+            figures.violate(f"[0] beat {name} sent {count} sweeps in {elapsed:.0f} s (one a second expected)")
+    if sweeps < sum(sent.values()) / 2:
+        figures.violate(f"[0] the workers ran {sweeps} sweeps of the {sum(sent.values())} sent")
+    # Every level was handed over by a sweep (none within the horizon when it was created).
+    if redelivered + handed < figures.executed:
+        figures.violate(
+            f"[0] the sweeps handed over {redelivered + handed} levels, {figures.executed} executed"
+        )
     verdict(
         "10. two beats and two workers",
         "two beat processes and two workers; every level handed over by a sweep (horizon 0.5 s)",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
         sweeps=sweeps,
+        sweeps_sent=sent,
+        swept_handed_over=handed,
+        swept_redelivered=redelivered,
     )

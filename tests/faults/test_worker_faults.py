@@ -15,13 +15,10 @@ from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.faults
 
-# A level due while its worker was dead runs at the latest after the redelivery grace (2 s), the next
-# sweep (1 s) and the worker's restart (a few seconds on a busy 2-core machine), behind whatever
-# backlog built up meanwhile (hundreds of levels due in the same seconds drain at a few dozen a
-# second here). The bounds each scenario states:
-KILL_BOUND_S = 20  # the only worker killed and restarted
-CHURN_BOUND_S = 15  # one of two workers killed at a time: the other one and the sweep carry on
-HELD_BOUND_S = 30  # scenario 2 holds the rows locked for seconds on purpose, twice
+# A level due while its worker was dead runs at the latest a sweep interval plus the redelivery grace
+# after the worker is back (the sweep runs in a worker), behind whatever fell due meanwhile: the
+# bounds of tests/faults/stack.py, counted from the end of each kill (the killed worker ready again).
+# Only kills the scenario makes count as process exits; any other exit fails it.
 
 
 def test_s1_worker_killed_while_hundreds_are_due(make_stack):
@@ -32,17 +29,23 @@ def test_s1_worker_killed_while_hundreds_are_due(make_stack):
     stack.client(web)
     ids = stack.open_incidents(n)
     held = stack.pending()
-    worker.kill()  # kill -9 the worker and its pool: every ETA task it held dies with it
-    time.sleep(1)
-    worker.start()
+    with stack.outage("the only worker killed and restarted"):
+        stack.kill(worker)  # kill -9 the worker and its pool: every ETA task it held dies with it
+        time.sleep(1)
+        worker.start()
     waited = stack.settle(90)
-    figures = stack.check(lateness_bound_s=KILL_BOUND_S)
+    figures = stack.check(minimum={"incidents": n, "escalated": n, "executed": 3 * n})
+    if held < n * 3 // 4:
+        # Most chains must still have been under way at the kill, or it killed nothing that mattered.
+        figures.violate(f"[0] only {held} escalations PENDING at the kill, for {n} incidents")
     verdict(
         "1. worker kill -9 with hundreds due",
         f"kill -9 of the only worker holding {held} PENDING escalations due within 2 s; restarted 1 s later",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
         incidents_created=len(ids),
+        held=held,
     )
 
 
@@ -62,28 +65,31 @@ def test_s2_worker_killed_inside_the_executing_transaction(make_stack):
     stack.client(web)
     stack.open_incidents(n)
     rounds, in_flight = 2, []
-    for _ in range(rounds):
+    for index in range(rounds):
         # Hold every PENDING escalation's row lock: a worker executing one has locked the incident
-        # and waits inside its transaction for ours. kill -9 it there, then let go.
-        holder = psycopg2.connect(stack.database_url)
-        with holder.cursor() as cur:
-            cur.execute("SELECT id FROM escalations WHERE status = 'PENDING' FOR UPDATE")
-        wait_until(lambda: _stuck_in_execute(stack) >= 4, 30, what="workers blocked inside execute()")
-        in_flight.append(_stuck_in_execute(stack))
-        w1.kill()
-        w2.kill()
-        time.sleep(0.5)
-        holder.rollback()  # the dead workers' backends get their row, cannot answer, roll back
-        holder.close()
-        stack.start(w1, w2)
+        # and waits inside its transaction for ours. kill -9 it there, then let go. Until both
+        # workers are back, nothing can run: the bounds count from then.
+        with stack.outage(f"rows locked, both workers killed inside execute(), round {index + 1}"):
+            holder = psycopg2.connect(stack.database_url)
+            with holder.cursor() as cur:
+                cur.execute("SELECT id FROM escalations WHERE status = 'PENDING' FOR UPDATE")
+            wait_until(lambda: _stuck_in_execute(stack) >= 4, 30, what="workers blocked inside execute()")
+            in_flight.append(_stuck_in_execute(stack))
+            stack.kill(w1)
+            stack.kill(w2)
+            time.sleep(0.5)
+            holder.rollback()  # the dead workers' backends get their row, cannot answer, roll back
+            holder.close()
+            stack.start(w1, w2)
         time.sleep(2)
     waited = stack.settle(90)
-    figures = stack.check(lateness_bound_s=HELD_BOUND_S)
+    figures = stack.check(minimum={"incidents": n, "escalated": n, "executed": 3 * n})
     verdict(
         "2. worker kill -9 inside the transaction",
         f"both workers kill -9 while {in_flight} executions had locked their incident and not committed "
         f"({rounds} rounds)",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
     )
 
@@ -99,6 +105,7 @@ def test_s11_workers_killed_every_few_seconds(make_stack):
     stop = threading.Event()
     kills = 0
     rng = random.Random(11)
+    timers: list[threading.Timer] = []
 
     def load():
         from concurrent.futures import ThreadPoolExecutor
@@ -116,9 +123,13 @@ def test_s11_workers_killed_every_few_seconds(make_stack):
     def one():
         incident_id = api.create()
         if incident_id and api.act(incident_id, "escalate").status == 200 and rng.random() < 0.25:
-            # A quarter are resolved or acknowledged while their levels are in flight.
-            time.sleep(rng.uniform(0.5, 4))
-            api.act(incident_id, rng.choice(["resolve", "acknowledge"]))
+            # A quarter are resolved or acknowledged while their levels are in flight, or after every
+            # level should have run (so that a lost one shows as CANCELLED past its deadline).
+            timer = threading.Timer(
+                rng.uniform(0.5, 10), api.act, (incident_id, rng.choice(["resolve", "acknowledge"]))
+            )
+            timers.append(timer)
+            timer.start()
 
     loader = threading.Thread(target=load)
     loader.start()
@@ -128,18 +139,23 @@ def test_s11_workers_killed_every_few_seconds(make_stack):
         while time.monotonic() < deadline:
             time.sleep(kill_every)
             victim = victims[kills % 2]
-            victim.kill()
+            with stack.outage(f"{victim.name} killed and restarted"):
+                stack.kill(victim)
+                victim.start()
             kills += 1
-            victim.start()
     finally:
         stop.set()
         loader.join()
+        for timer in timers:
+            timer.join()
     waited = stack.settle(120)
-    figures = stack.check(lateness_bound_s=CHURN_BOUND_S)
+    least = rate * seconds // 2
+    figures = stack.check(minimum={"incidents": least, "escalated": least, "executed": 2 * least})
     verdict(
         "11. worker kill -9 every few seconds",
         f"{kills} kill -9s of one of two workers, one every {kill_every:g} s (plus its restart) for "
         f"{seconds} s, while {rate} incidents/s escalated and a quarter were resolved or acknowledged",
         figures,
+        stack=stack,
         settled_s=round(waited, 1),
     )

@@ -9,6 +9,18 @@ checks, on every incident, what the product promises (issue 4):
    per transition, with no gaps.
 5. Every request got an answer in bounded time: a valid response, a 409, or a 503 JSON error.
 
+And, so that a scenario cannot pass by doing nothing or by checking itself against itself:
+
+- the minimum work the scenario states (incidents created, escalated, levels executed) was done;
+- every incident's stored `policy_levels` are the levels of its policy in the policy file the stack
+  ran with (parsed here, independently of models/policy.py);
+- the worker logs announce EXECUTING exactly the escalations Postgres has EXECUTED, each once (a line
+  may be missing only where the scenario killed a process between a commit and its log line).
+
+"Due" is fault-aware: a level must run within the bound of the moment it fell due or, when a fault
+(an outage: broker down, worker killed, Postgres down) began before that deadline, within the bound
+of the moment that fault ended.
+
 It never stops at the first violation: it returns Figures (counts, worst lateness, every violation
 found) so a failing scenario says how bad it was, and the report can print them.
 """
@@ -17,11 +29,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from decimal import Decimal
 
 import psycopg2
 import psycopg2.extras
+import yaml
 
 from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, State, is_valid_path
 
@@ -30,6 +45,8 @@ TRANSITION_TYPES = {"created", *EVENT_TYPE.values()}
 # A level is due at scheduled_at; its next level is created in the same transaction, so their
 # timestamps agree to the microsecond. Allow for rounding only.
 EPSILON = timedelta(milliseconds=1)
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
 @dataclass
@@ -48,6 +65,7 @@ class RequestRecord:
 @dataclass
 class Figures:
     incidents: int = 0
+    escalated: int = 0  # incidents that entered ESCALATING
     escalations: int = 0
     executed: int = 0
     cancelled: int = 0
@@ -57,6 +75,14 @@ class Figures:
     executed_after_leave: int = 0
     worst_lateness_s: float = 0.0
     p99_lateness_s: float = 0.0
+    # Counted from the later of "due" and "the fault that began before its deadline ended".
+    worst_after_recovery_s: float = 0.0
+    # Hand-overs made after the level was due (the sweep's re-deliveries and late first hand-overs),
+    # counted the same way: the engine's own promise, before any queueing in the broker or worker.
+    late_handovers: int = 0
+    worst_handover_after_recovery_s: float = 0.0
+    announced: int = 0  # EXECUTING announcements in the worker logs
+    unannounced: int = 0  # EXECUTED in Postgres, never announced in a worker log
     requests: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     worst_response_s: float = 0.0
@@ -70,6 +96,16 @@ class Figures:
         if len(self.violations) < self.MAX_LISTED:
             self.violations.append(text)
 
+    def require(self, **minimum: int) -> None:
+        """Fail unless the scenario did at least this much work (incidents=, escalated=, executed=):
+        a run where every request was refused must not pass on an empty database."""
+        for name, least in minimum.items():
+            got = getattr(self, name)
+            if got < least:
+                self.violate(
+                    f"[0] only {got} {name}, at least {least} required: the scenario did not do its work"
+                )
+
     @property
     def ok(self) -> bool:
         return self.violation_count == 0
@@ -77,6 +113,7 @@ class Figures:
     def as_dict(self) -> dict:
         return {
             "incidents": self.incidents,
+            "escalated": self.escalated,
             "escalations": self.escalations,
             "executed": self.executed,
             "cancelled": self.cancelled,
@@ -86,6 +123,11 @@ class Figures:
             "executed_after_leave": self.executed_after_leave,
             "worst_lateness_s": round(self.worst_lateness_s, 3),
             "p99_lateness_s": round(self.p99_lateness_s, 3),
+            "worst_after_recovery_s": round(self.worst_after_recovery_s, 3),
+            "late_handovers": self.late_handovers,
+            "worst_handover_after_recovery_s": round(self.worst_handover_after_recovery_s, 3),
+            "announced": self.announced,
+            "unannounced": self.unannounced,
             "requests": self.requests,
             "statuses": dict(sorted(self.statuses.items())),
             "worst_response_s": round(self.worst_response_s, 3),
@@ -110,13 +152,13 @@ def _load(database_url: str):
             cur.execute("SELECT now() AS now")
             now = cur.fetchone()["now"]
             cur.execute(
-                "SELECT id, state, policy_levels, escalated_at, acknowledged_at, resolved_at, cancelled_at"
-                " FROM incidents"
+                "SELECT id, state, policy, policy_levels, escalated_at, acknowledged_at, resolved_at,"
+                " cancelled_at FROM incidents"
             )
             incidents = cur.fetchall()
             cur.execute(
-                "SELECT id, incident_id, escalation_level, status, scheduled_at, executed_at, created_at,"
-                " updated_at FROM escalations"
+                "SELECT id, incident_id, escalation_level, status, notify, scheduled_at, executed_at,"
+                " published_at, created_at, updated_at FROM escalations"
             )
             escalations = cur.fetchall()
             cur.execute(
@@ -130,6 +172,55 @@ def _load(database_url: str):
     return now, incidents, escalations, events
 
 
+def parse_policy_file(text: str) -> dict:
+    """{'default': name, 'policies': {name: [{'delay_ms', 'notify'}, ...]}} from a policy file's text.
+
+    Deliberately not models/policy.py: the checker compares what the engine stored against the file,
+    so it reads the file on its own (durations: a number and ms, s, m or h)."""
+    data = yaml.safe_load(text)
+    policies = {}
+    for name, body in data["policies"].items():
+        levels = []
+        for level in body["levels"]:
+            match = DURATION.match(str(level["delay"]).strip())
+            if not match:
+                raise ValueError(f"policy {name}: cannot read delay {level['delay']!r}")
+            delay_ms = Decimal(match.group(1)) * UNIT_MS[match.group(2)]
+            levels.append({"delay_ms": int(delay_ms), "notify": list(dict.fromkeys(level.get("notify", [])))})
+        policies[name] = levels
+    return {"default": data["default_policy"], "policies": policies}
+
+
+def fault_deadline(due: datetime, bound: timedelta, outages: Sequence[tuple[datetime, datetime]]) -> datetime:
+    """The latest a level due at `due` may run: `bound` after it fell due or, when an outage began
+    before that deadline, `bound` after the later of "due" and the end of that outage."""
+    deadline = due + bound
+    for down, back in sorted(outages):
+        if down < deadline:
+            deadline = max(deadline, max(due, back) + bound)
+    return deadline
+
+
+def _check_handover(fig: Figures, eid: str, esc: dict, bound_s: float | None, outages: Sequence) -> None:
+    """A level handed over after it fell due (re-delivered by the sweep, or first handed over after a
+    failed publish): its last hand-over within bound_s of its due time or of the end of the fault."""
+    published = esc["published_at"]
+    if published is None or published <= esc["scheduled_at"] + EPSILON:
+        return
+    fig.late_handovers += 1
+    if bound_s is None:
+        return
+    bound = timedelta(seconds=bound_s)
+    latest = fault_deadline(esc["scheduled_at"], bound, outages)
+    after = (published - (latest - bound)).total_seconds()
+    fig.worst_handover_after_recovery_s = max(fig.worst_handover_after_recovery_s, after)
+    if published > latest:
+        fig.violate(
+            f"[2] escalation {eid} handed over {published - esc['scheduled_at']} after due, {after:.1f} s "
+            f"after it fell due or the fault under way ended (bound {bound})"
+        )
+
+
 def check(
     database_url: str,
     *,
@@ -138,16 +229,30 @@ def check(
     response_bound_s: float = 5.0,
     allowed_statuses: frozenset[int] = frozenset({200, 201, 409, 503}),
     logs: list[str] = (),
+    outages: Sequence[tuple[datetime, datetime]] = (),
+    unannounced_allowed: int = 0,
+    policy_text: str | None = None,
+    handover_bound_s: float | None = None,
 ) -> Figures:
     """Check invariants 1-5 on every incident of the database; return the figures.
 
-    lateness_bound_s: the longest an escalation may run after it was due (or stay PENDING past its
-    due time while its incident escalates) before it counts as lost. logs: worker log texts; each
-    escalation must be announced EXECUTING at most once (a second one is a duplicate notification).
+    lateness_bound_s: the longest an escalation may run after it was due (or after the fault that
+    began before its deadline ended; see fault_deadline) before it counts as late, or lost when it is
+    still PENDING or was CANCELLED only after that. outages: (began, ended) pairs, aware datetimes on
+    the machine's clock (Postgres's clock_timestamp() is the same clock).
+    logs: worker log texts: each escalation EXECUTED in Postgres must be announced EXECUTING exactly
+    once, and nothing else; up to `unannounced_allowed` announcements may be missing (the scenario
+    killed a worker or Postgres between a commit and its log line).
+    policy_text: the policy file the stack ran with; every escalated incident's stored levels must
+    be its policy's.
+    handover_bound_s: the same deadline for the last hand-over of a level handed over after it fell
+    due (a re-delivery by the sweep, or a first hand-over after a failed publish): the sweep's own
+    promise, a sweep interval plus the grace, without the queueing that follows it.
     """
     now, incidents, escalations, events = _load(database_url)
     fig = Figures(incidents=len(incidents), escalations=len(escalations))
     bound = timedelta(seconds=lateness_bound_s)
+    policy_file = parse_policy_file(policy_text) if policy_text is not None else None
     by_incident_esc: dict = defaultdict(list)
     for row in escalations:
         by_incident_esc[row["incident_id"]].append(row)
@@ -155,6 +260,10 @@ def check(
     for row in events:
         by_incident_ev[row["incident_id"]].append(row)
     latenesses: list[float] = []
+    executed_rows: dict[str, dict] = {}
+
+    def deadline(due: datetime) -> datetime:
+        return fault_deadline(due, bound, outages)
 
     for incident in incidents:
         iid = incident["id"]
@@ -219,9 +328,31 @@ def check(
             if escs:
                 fig.violate(f"[1] incident {iid}: {len(escs)} escalation(s) but it never escalated")
             continue
+        fig.escalated += 1
         levels = incident["policy_levels"] or []
         start = escalated["at"]
         left_at = left["at"] if left else None
+
+        # -- the levels it escalates by are its policy's, as the file says ---------------------------
+        if policy_file is not None:
+            name = incident["policy"] if incident["policy"] in policy_file["policies"] else None
+            name = name or policy_file["default"]
+            expected = policy_file["policies"][name]
+            stored = [{"delay_ms": lv.get("delay_ms"), "notify": lv.get("notify")} for lv in levels]
+            if stored != expected:
+                fig.violate(
+                    f"[1] incident {iid}: stored levels {stored} but policy {name} in the file is {expected}"
+                )
+            said = escalated["data"] or {}
+            if said.get("policy") != name or said.get("levels") != len(expected):
+                fig.violate(f"[4] incident {iid}: escalated event says {said}, the file's policy is {name}")
+            for esc in escs:
+                index = esc["escalation_level"] - 1
+                if 0 <= index < len(expected) and list(esc["notify"] or []) != expected[index]["notify"]:
+                    fig.violate(
+                        f"[1] escalation {esc['id']}: notify {esc['notify']} but level {index + 1} of "
+                        f"policy {name} notifies {expected[index]['notify']}"
+                    )
 
         # -- 1. exactly one execution per EXECUTED level; each level created by the previous one -----
         runs = Counter(e["data"].get("escalation_id") for e in executed_events)
@@ -249,19 +380,31 @@ def check(
                     f"[1] escalation {eid}: level {index + 1} exists but level {index} is not EXECUTED"
                 )
             elif base is not None and index < len(levels):
-                expected = base + timedelta(milliseconds=levels[index]["delay_ms"])
-                if abs(esc["created_at"] - base) > EPSILON or abs(esc["scheduled_at"] - expected) > EPSILON:
+                expected_due = base + timedelta(milliseconds=levels[index]["delay_ms"])
+                if (
+                    abs(esc["created_at"] - base) > EPSILON
+                    or abs(esc["scheduled_at"] - expected_due) > EPSILON
+                ):
                     fig.violate(
                         f"[1] escalation {eid}: created {esc['created_at']} due {esc['scheduled_at']}, "
-                        f"expected created {base} due {expected}"
+                        f"expected created {base} due {expected_due}"
                     )
             if status == "EXECUTED":
+                executed_rows[eid] = {"incident": str(iid), "level": esc["escalation_level"]}
                 lateness = esc["executed_at"] - esc["scheduled_at"]
                 latenesses.append(lateness.total_seconds())
+                latest = deadline(esc["scheduled_at"])
+                after_recovery = esc["executed_at"] - (latest - bound)
+                fig.worst_after_recovery_s = max(fig.worst_after_recovery_s, after_recovery.total_seconds())
+                _check_handover(fig, eid, esc, handover_bound_s, outages)
                 if lateness < timedelta(0):
                     fig.violate(f"[2] escalation {eid} executed {-lateness} before it was due")
-                elif lateness > bound:
-                    fig.violate(f"[2] escalation {eid} executed {lateness} after due (bound {bound})")
+                elif esc["executed_at"] > latest:
+                    fig.violate(
+                        f"[2] escalation {eid} executed {lateness} after due, "
+                        f"{after_recovery.total_seconds():.1f} s after it fell due or the fault under way "
+                        f"ended (bound {bound})"
+                    )
                 # -- 3. nothing executed at or after leaving ESCALATING --------------------------
                 if left_at is not None and esc["executed_at"] >= left_at:
                     fig.executed_after_leave += 1
@@ -287,7 +430,7 @@ def check(
             for esc in escs:
                 if esc["status"] == "CANCELLED":
                     fig.violate(f"[3] escalation {esc['id']} CANCELLED while its incident escalates")
-                elif esc["status"] == "PENDING" and esc["scheduled_at"] + bound < now:
+                elif esc["status"] == "PENDING" and deadline(esc["scheduled_at"]) < now:
                     fig.lost += 1
                     fig.violate(
                         f"[2] escalation {esc['id']} (incident {iid}, level {esc['escalation_level']}) "
@@ -297,12 +440,12 @@ def check(
             for esc in escs:
                 if esc["status"] == "PENDING":
                     fig.violate(f"[3] escalation {esc['id']} PENDING but incident {iid} is {state}")
-                elif esc["status"] == "CANCELLED" and left_at and esc["scheduled_at"] + bound < left_at:
-                    # It was due well before the incident left ESCALATING, and never ran: lost.
+                elif esc["status"] == "CANCELLED" and left_at and deadline(esc["scheduled_at"]) < left_at:
+                    # It should have run before the incident left ESCALATING, and never ran: lost.
                     fig.lost += 1
                     fig.violate(
                         f"[2] escalation {esc['id']} due {esc['scheduled_at']} never ran; incident "
-                        f"left ESCALATING at {left_at}"
+                        f"left ESCALATING at {left_at} (bound {bound})"
                     )
 
     if latenesses:
@@ -310,12 +453,33 @@ def check(
         fig.worst_lateness_s = latenesses[-1]
         fig.p99_lateness_s = latenesses[min(len(latenesses) - 1, int(len(latenesses) * 0.99))]
 
-    # -- 1, seen from the side: each escalation announced (notified) at most once ---------------------
-    announced = Counter(m.group(3) for text in logs for m in EXECUTING_LINE.finditer(text))
+    # -- 1, seen from the side: the worker logs announce (notify) exactly what Postgres executed ------
+    announced: Counter = Counter()
+    for text in logs:
+        for match in EXECUTING_LINE.finditer(text):
+            level, incident_id, eid = int(match.group(1)), match.group(2), match.group(3)
+            announced[eid] += 1
+            row = executed_rows.get(eid)
+            if row is None:
+                fig.violate(f"[1] escalation {eid} announced EXECUTING but it is not EXECUTED in Postgres")
+            elif (row["incident"], row["level"]) != (incident_id, level):
+                fig.violate(
+                    f"[1] escalation {eid} announced as level {level} of {incident_id}, "
+                    f"Postgres has level {row['level']} of {row['incident']}"
+                )
+    fig.announced = sum(announced.values())
     for eid, count in announced.items():
         if count > 1:
             fig.duplicated += count - 1
             fig.violate(f"[1] escalation {eid} announced EXECUTING {count} times in the worker logs")
+    missing = sorted(set(executed_rows) - set(announced))
+    fig.unannounced = len(missing)
+    if len(missing) > unannounced_allowed:
+        fig.violate(
+            f"[1] {len(missing)} EXECUTED escalation(s) never announced in the worker logs (at most "
+            f"{unannounced_allowed} may be, for the kills between a commit and its log line), "
+            f"e.g. {missing[:3]}"
+        )
 
     # -- 5. every request got an answer in bounded time -------------------------------------------
     check_requests(fig, list(requests), response_bound_s, allowed_statuses)
