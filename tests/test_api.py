@@ -1060,7 +1060,10 @@ class TestOriginalDesignScenarios:
     def test_04_create_second_incident_for_acknowledge_path(self, client, tenant):
         first = create(client, tenant, policy="slow")
         second = create(client, tenant, policy="slow")
-        assert second["id"] != first["id"] and second["state"] == "OPEN"
+        assert second["state"] == "OPEN"
+        # Two reports with no dedup_key are two incidents: the tenant (its own) lists both, newest first.
+        listed = get(client, tenant, "/incidents")["items"]
+        assert [(i["id"], i["state"]) for i in listed] == [(second["id"], "OPEN"), (first["id"], "OPEN")]
 
     def test_05_acknowledge_open_to_acknowledged(self, client, tenant):
         incident = create(client, tenant)
@@ -1176,8 +1179,16 @@ def test_keys_create_read_scope_and_defaults(app, client):
     assert default.exit_code == 0, default.output
     writer = {"Authorization": f"Bearer {default.output.splitlines()[-1]}"}
     create(client, writer)  # the default scope is write
-    # Two keys, two different secrets.
-    assert reader != writer
+    # Two keys: two rows of the tenant, each with its own prefix, its own secret's hash and its scope
+    # (a second `keys create` that reissued or overwrote the first would fail here).
+    with app.extensions["db"]() as session:
+        rows = session.execute(
+            select(ApiKey.prefix, ApiKey.secret_hash, ApiKey.scope).where(ApiKey.tenant == tenant_name)
+        ).all()
+    tokens = [h["Authorization"].split(" ", 1)[1] for h in (reader, writer)]
+    assert sorted((r.prefix, r.secret_hash, r.scope.value) for r in rows) == sorted(
+        [(tokens[0][:12], hash_key(tokens[0]), "read"), (tokens[1][:12], hash_key(tokens[1]), "write")]
+    )
 
 
 def test_keys_create_refuses_bad_input(app):
