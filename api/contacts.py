@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from api.auth import authenticate
 from api.db import db_session
-from api.notifications import delivery_log, keyset_page
+from api.notifications import delivery_log
+from api.paging import keyset_page
 from api.schemas import (
     ContactCreateSchema,
     ContactPageSchema,

@@ -7,11 +7,12 @@ import uuid
 from flask import current_app, g, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
-from marshmallow import RAISE, ValidationError
-from sqlalchemy import select, tuple_
+from marshmallow import RAISE
+from sqlalchemy import select
 
 from api.auth import authenticate
 from api.db import db_session
+from api.paging import keyset_page
 from api.schemas import (
     EscalationListSchema,
     EventListSchema,
@@ -20,8 +21,6 @@ from api.schemas import (
     IncidentPageSchema,
     IncidentSchema,
     TransitionSchema,
-    decode_cursor,
-    encode_cursor,
 )
 from models import engine
 from models.engine import Outbox
@@ -56,24 +55,8 @@ class Incidents(MethodView):
         stmt = select(Incident).where(Incident.tenant == g.api_key.tenant)
         if args.get("state"):
             stmt = stmt.where(Incident.state == args["state"])
-        if args.get("cursor"):
-            try:
-                created_at, last_id = decode_cursor(args["cursor"])
-            except ValidationError as exc:
-                abort(422, errors={"query": {"cursor": exc.messages}})
-            stmt = stmt.where(tuple_(Incident.created_at, Incident.id) < (created_at, last_id))
-        limit = args["limit"]
-        rows = (
-            db_session()
-            .scalars(stmt.order_by(Incident.created_at.desc(), Incident.id.desc()).limit(limit + 1))
-            .all()
-        )
-        items = rows[:limit]
-        more = len(rows) > limit
-        return {
-            "items": items,
-            "next_cursor": encode_cursor(items[-1].created_at, items[-1].id) if more else None,
-        }
+        rows, next_cursor = keyset_page(stmt, Incident, args, newest_first=True)
+        return {"items": [row.Incident for row in rows], "next_cursor": next_cursor}
 
     @blp.arguments(IncidentCreateSchema)
     @blp.response(201, IncidentSchema)

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC
-from typing import Any
 
 from flask import g
 from flask_smorest import Blueprint, abort
-from marshmallow import RAISE, ValidationError
-from sqlalchemy import Select, select, tuple_, update
-from sqlalchemy.orm import InstrumentedAttribute
+from marshmallow import RAISE
+from sqlalchemy import Select, select, update
 
 from api.auth import authenticate
 from api.db import db_session
+from api.paging import keyset_page
 from api.schemas import (
     InboxArgsSchema,
     InboxEntrySchema,
@@ -25,8 +24,6 @@ from api.schemas import (
     PageArgsSchema,
     ReadAllResultSchema,
     ReadAllSchema,
-    decode_cursor,
-    encode_cursor,
 )
 from models.engine import db_now
 from models.incident import Incident
@@ -45,33 +42,6 @@ incident_blp = Blueprint(
     description="What each incident sent to whom (the delivery log)",
 )
 incident_blp.before_request(authenticate)
-
-
-def keyset_page(
-    stmt: Select, entity: type, args: dict, *, newest_first: bool
-) -> tuple[list[Any], str | None]:
-    """One page of `stmt` in (created_at, id) order, and the cursor of the next page (None: last).
-
-    `entity` is the mapped class whose created_at and id order the rows; the rows are returned as
-    selected. An invalid cursor is a 422 naming it.
-    """
-    created_at: InstrumentedAttribute = entity.created_at
-    ident: InstrumentedAttribute = entity.id
-    if args.get("cursor"):
-        try:
-            after = decode_cursor(args["cursor"])
-        except ValidationError as exc:
-            abort(422, errors={"query": {"cursor": exc.messages}})
-        key = tuple_(created_at, ident)
-        stmt = stmt.where(key < after if newest_first else key > after)
-    order = (created_at.desc(), ident.desc()) if newest_first else (created_at.asc(), ident.asc())
-    limit = args["limit"]
-    rows = db_session().execute(stmt.order_by(*order).limit(limit + 1)).all()
-    items = rows[:limit]
-    if len(rows) <= limit:
-        return items, None
-    last = getattr(items[-1], entity.__name__)
-    return items, encode_cursor(last.created_at, last.id)
 
 
 def delivery_log(where, args: dict, *, newest_first: bool) -> dict:

@@ -78,10 +78,13 @@ class IncidentSchema(Schema):
     cancelled_at = fields.AwareDateTime(dump_only=True, allow_none=True)
 
 
-class IncidentListArgsSchema(Schema):
-    state = fields.Enum(State)
+class PageArgsSchema(Schema):
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(validate=validate.Length(max=200))
+
+
+class IncidentListArgsSchema(PageArgsSchema):
+    state = fields.Enum(State)
 
 
 class IncidentPageSchema(Schema):
@@ -232,11 +235,6 @@ class ContactWithSecretSchema(ContactSchema):
             "when it is issued (creation, rotate-secret); null for other channels"
         },
     )
-
-
-class PageArgsSchema(Schema):
-    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    cursor = fields.String(validate=validate.Length(max=200))
 
 
 class ContactPageSchema(Schema):
