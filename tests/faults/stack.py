@@ -543,6 +543,16 @@ class Stack:
         handed = sum(int(n) for n in re.findall(r"\[SWEEP\] handed over (\d+)", logs))
         return redelivered, handed
 
+    def terminated_tasks(self) -> frozenset[str]:
+        """escalations.execute tasks a worker terminated itself on a broker connection loss (Celery's
+        worker_cancel_long_running_tasks_on_connection_loss: "cannot be acknowledged after a
+        connection loss ... Terminating it instead"): such a task may have committed its level and
+        died before announcing it."""
+        pattern = re.compile(
+            r"Task escalations\.execute\[([0-9a-f-]+)\][^\n]*cannot be acknowledged after a connection loss"
+        )
+        return frozenset(m.group(1) for text in self.worker_logs() for m in pattern.finditer(text))
+
     def _unannounced_allowed(self) -> int:
         """EXECUTING lines that may be missing: one per pool process of each worker killed (on purpose
         or not: an unintended exit fails the scenario anyway), every pool process for each kill -9 of
@@ -578,6 +588,7 @@ class Stack:
             logs=self.worker_logs(),
             outages=[(began, ended) for began, ended, _ in self.outages],
             unannounced_allowed=self._unannounced_allowed(),
+            terminated_tasks=self.terminated_tasks(),
             policy_text=self.policy_file.read_text(),
             lateness_bound_s=self.bounds["execution_bound_s"],
             handover_bound_s=self.bounds["handover_bound_s"],
@@ -643,6 +654,7 @@ class Stack:
             "process_exits": len(self.supervisor.unintended()),
             "killed_on_purpose": len(self.supervisor.intended()),
             "restarts": self.supervisor.restarts,
+            "tasks_terminated_on_connection_loss": len(self.terminated_tasks()),
             "same_pids_required": self.same_pids,
             "processes": sorted({p.name for p in self.procs}),
             "exits": [str(e) for e in self.supervisor.exits],
