@@ -277,6 +277,9 @@ class Supervisor:
         if not self.restart or self._stop.is_set():
             return
         for key, proc in list(self._down.items()):
+            if proc.process is not None:  # started again meanwhile (by the scenario itself)
+                del self._down[key]
+                continue
             try:
                 proc.start()
             except Exception as exc:  # noqa: BLE001 - recorded; tried again on the next round
@@ -299,6 +302,7 @@ class Supervisor:
     def kill(self, proc: processes.Process) -> None:
         """kill -9 on purpose: recorded as intended, never restarted by the supervisor."""
         with self.lock:
+            self.poll()  # an exit that came first is not the scenario's kill
             popen = proc.process
             if popen is None:
                 return
