@@ -59,6 +59,24 @@ CANCEL_PENDING = text(
     "UPDATE escalations SET status='CANCELLED', updated_at=:now WHERE escalations.incident_id = :id "
     "AND escalations.status = 'PENDING' RETURNING escalations.task_id"
 )
+# What resolving does to the incident's notifications (models/notify.on_transition): wait for a send
+# in flight, skip the unsent alerts, queue status updates for the contacts that were paged.
+NOTIFY_TIMEOUTS = text("SET LOCAL lock_timeout = 15000; SET LOCAL statement_timeout = 30000")
+SKIP_UNSENT = text(
+    "UPDATE notifications SET status='SKIPPED', claim_token=NULL, last_error='incident resolved before it "
+    "was sent', updated_at=:now WHERE notifications.incident_id = :id AND notifications.type = "
+    "'incident.escalated' AND notifications.status IN ('PENDING', 'SENDING')"
+)
+QUEUE_STATUS_UPDATES = text(
+    "INSERT INTO notifications (id, tenant, incident_id, escalation_id, contact_id, channel, type, level, "
+    "status, next_attempt_at, created_at, updated_at, attempts) SELECT gen_random_uuid(), :tenant, :id, "
+    "NULL, contacts.id, contacts.channel, 'incident.resolved', NULL, 'PENDING', :now, :now, :now, 0 "
+    "FROM contacts WHERE contacts.tenant = :tenant AND contacts.status_updates AND contacts.enabled AND "
+    "contacts.deleted_at IS NULL AND (EXISTS (SELECT notifications.id FROM notifications WHERE "
+    "notifications.incident_id = :id AND notifications.contact_id = contacts.id AND notifications.type = "
+    "'incident.escalated' AND notifications.status IN ('SENT', 'BUNDLED'))) RETURNING "
+    "notifications.contact_id"
+)
 FAST_LEVELS = [
     {"delay_ms": 1000, "notify": ["in_app"]},
     {"delay_ms": 1000, "notify": ["email"]},
@@ -145,6 +163,11 @@ def create_app() -> Flask:
                     abort(409)
                 conn.execute(RESOLVE_INCIDENT, {"now": now, "id": incident_id})
                 cancelled = conn.execute(CANCEL_PENDING, {"now": now, "id": incident_id}).all()
+                if incident.escalated_at is not None:
+                    conn.execute(NOTIFY_TIMEOUTS)
+                    conn.execute(SKIP_UNSENT, {"now": now, "id": incident_id})
+                    notified = {"now": now, "id": incident_id, "tenant": key.tenant}
+                    conn.execute(QUEUE_STATUS_UPDATES, notified).all()
                 data, state = {"cancelled_escalations": len(cancelled)}, "RESOLVED"
             conn.execute(
                 INSERT_EVENT,
