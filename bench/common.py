@@ -60,6 +60,11 @@ class Bench:
         return f"bench-{self.run_id}-{self.name}"
 
     @property
+    def notify_queue(self) -> str:
+        """The notification queue (CELERY_NOTIFY_QUEUE): the bench's own, never the shared default."""
+        return f"{self.queue}-notify"
+
+    @property
     def database_url(self) -> str:
         return servers.with_database(server_url(), self.db_name)
 
@@ -71,6 +76,7 @@ class Bench:
                 "DATABASE_URL": self.database_url,
                 "REDIS_URL": redis_url(),
                 "CELERY_QUEUE": self.queue,
+                "CELERY_NOTIFY_QUEUE": self.notify_queue,
                 # Production defaults, spelled out: the report states them.
                 "ESCALATION_POLICY_FILE": str(FAST_POLICY),
                 "ESCALATION_SWEEP_INTERVAL": "5",
@@ -100,6 +106,7 @@ class Bench:
             proc.stop(timeout=15)
         self.processes.clear()
         delete_queue(self.queue)
+        delete_queue(self.notify_queue)
         servers.drop_database(server_url(), self.db_name)
 
     # -- database ---------------------------------------------------------------------------------
@@ -188,6 +195,17 @@ class Bench:
                 beat=beat,
                 concurrency=concurrency,
                 app=app or "tasks.app:celery_app",
+            )
+        )
+
+    def notifier(self, name: str = "notifier", concurrency: int = 2) -> Process:
+        """The Procfile's notifier: the same worker command on the notification queue."""
+        return self.start(
+            processes.worker(
+                {**self.env, "CELERY_QUEUE": self.notify_queue},
+                self.log_dir,
+                name=f"{self.name}-{name}",
+                concurrency=concurrency,
             )
         )
 
@@ -383,6 +401,11 @@ FAST_LEVELS = [
 ]
 
 
+def tenant_name(k: int, tenants: int = 1) -> str:
+    """The k-th of `tenants` bench tenants (0-based); with one tenant, TENANT itself."""
+    return TENANT if tenants == 1 else f"{TENANT}-{k}"
+
+
 def seed_escalating(
     bench: Bench,
     count: int,
@@ -391,12 +414,13 @@ def seed_escalating(
     levels: list[dict] | None = None,
     published: bool = False,
     returning: bool = False,
+    tenants: int = 1,
 ):
     """`count` ESCALATING incidents, each with level 1 PENDING as the engine leaves it.
 
     `scheduled` is an SQL expression of {i} (0..count-1) for scheduled_at. published=True: handed to
-    the broker (task id and published_at set; the caller publishes). Returns (id, task_id,
-    scheduled_at) rows when `returning`.
+    the broker (task id and published_at set; the caller publishes). Incident i belongs to
+    tenant_name(i % tenants, tenants). Returns (id, task_id, scheduled_at) rows when `returning`.
     """
     import json
 
@@ -406,9 +430,9 @@ def seed_escalating(
     levels = levels or FAST_LEVELS
     bench.sql(
         "INSERT INTO incidents (id, tenant, title, description, severity, state, policy_levels, "
-        f"escalated_at) SELECT {ident}, %s, 'bench', '', 'high', 'ESCALATING', CAST(%s AS JSONB), now() "
-        "FROM generate_series(%s, %s) g",
-        (TENANT, json.dumps(levels), start, start + count - 1),
+        f"escalated_at) SELECT {ident}, %s || CASE WHEN %s > 1 THEN '-' || mod(g - %s, %s) ELSE '' END, "
+        "'bench', '', 'high', 'ESCALATING', CAST(%s AS JSONB), now() FROM generate_series(%s, %s) g",
+        (TENANT, tenants, start, tenants, json.dumps(levels), start, start + count - 1),
     )
     expr = scheduled.format(i=f"(g - {start})")
     return bench.sql(
@@ -421,28 +445,48 @@ def seed_escalating(
     )
 
 
-def publish_escalations(bench: Bench, rows) -> None:
-    """What tasks.escalation.deliver does after commit: one ETA task per escalation."""
+def seed_contacts(bench: Bench, channel: str, contacts: list[tuple[str, str, str]], secret=None) -> None:
+    """Contacts (id, tenant, address) on `channel`, reached by every level, enabled, no status updates;
+    webhook contacts sign with `secret`. Addresses are taken as given (the API would normalise them)."""
+    from psycopg2.extras import execute_values
+
+    conn = bench.connect()
+    try:
+        with conn.cursor() as cur:
+            execute_values(
+                cur,
+                "INSERT INTO contacts (id, tenant, name, channel, address, status_updates, enabled, secret) "
+                "VALUES %s",
+                [(ident, tenant, f"bench {channel}", channel, address, False, True, secret)
+                 for ident, tenant, address in contacts],
+                page_size=1000,
+            )  # fmt: skip
+    finally:
+        conn.close()
+
+
+def send_tasks(name: str, queue: str, calls) -> None:
+    """Publish one `name` task per call (a dict of apply_async options: args, task_id, eta) to `queue`."""
     sender = celery_sender()
     with sender.producer_or_acquire() as producer:
-        for escalation_id, task_id, eta in rows:
-            sender.send_task(
-                "escalations.execute",
-                args=(str(escalation_id),),
-                task_id=task_id,
-                eta=eta,
-                queue=bench.queue,
-                producer=producer,
-            )
+        for call in calls:
+            sender.send_task(name, queue=queue, producer=producer, **call)
     sender.close()
+
+
+def publish_escalations(bench: Bench, rows) -> None:
+    """What tasks.escalation.deliver does after commit: one ETA task per escalation."""
+    calls = ({"args": (str(e),), "task_id": task_id, "eta": eta} for e, task_id, eta in rows)
+    send_tasks("escalations.execute", bench.queue, calls)
+
+
+def publish_wakes(bench: Bench, contact_ids) -> None:
+    """What tasks.notifications.wake_at does after commit: one deliverer per contact woken."""
+    send_tasks("notifications.deliver", bench.notify_queue, ({"args": (str(c),)} for c in contact_ids))
 
 
 def publish_noop(bench: Bench, count: int) -> None:
-    sender = celery_sender()
-    with sender.producer_or_acquire() as producer:
-        for _ in range(count):
-            sender.send_task("bench.noop", queue=bench.queue, producer=producer)
-    sender.close()
+    send_tasks("bench.noop", bench.queue, ({} for _ in range(count)))
 
 
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
