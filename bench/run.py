@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tests.support.servers import PROJECT_ROOT
 
-MEASUREMENTS = ("throughput", "storm", "exec_rate", "memory", "sweep", "cancel", "profile")
+MEASUREMENTS = ("throughput", "storm", "exec_rate", "memory", "sweep", "cancel", "delivery", "profile")
 
 
 @dataclass
@@ -32,6 +32,12 @@ class Config:
     storm_window: float = 60
     storm_workers: list[int] = field(default_factory=lambda: [1, 2])
     storm_timeout: float = 300  # how long after the window to wait for the backlog to drain
+    # The storm's incidents are spread over this many tenants. The storm runs once more with one email
+    # contact per tenant and the notifier on (storm_notify), paired with the first storm_workers run;
+    # after the escalations it waits up to storm_notify_settle s for every email to be sent or bundled.
+    storm_tenants: int = 100
+    storm_notify: bool = True
+    storm_notify_settle: float = 180
     rate_escalations: int = 1_500
     rate_noops: int = 4_000
     rate_concurrency: int = 8  # an extra escalation run with this many children (0: none)
@@ -44,6 +50,8 @@ class Config:
     storm_lead_min: float = 10
     memory_settle: float = 5
     profile_requests: int = 200
+    delivery_messages: int = 2_000  # per channel and round, one per contact
+    delivery_concurrency: int = 2  # the notifier's prefork children
 
 
 QUICK = dict(
@@ -55,6 +63,8 @@ QUICK = dict(
     storm_window=10,
     storm_workers=[1],
     storm_timeout=120,
+    storm_tenants=20,
+    storm_notify_settle=120,
     rate_escalations=300,
     rate_noops=1_000,
     memory_far=[1_000, 10_000],
@@ -63,6 +73,7 @@ QUICK = dict(
     sweep_runs=10,
     cancel_connections=[32],
     profile_requests=50,
+    delivery_messages=300,
 )
 
 # The pytest smoke run (tests/test_bench_smoke.py): seconds per measurement.
@@ -75,6 +86,8 @@ SMOKE = dict(
     storm_window=2,
     storm_workers=[1],
     storm_timeout=60,
+    storm_tenants=6,  # 10 incidents each: every email within its contact's throttle, sent at once
+    storm_notify_settle=60,
     rate_escalations=40,
     rate_noops=100,
     rate_concurrency=0,
@@ -87,6 +100,7 @@ SMOKE = dict(
     storm_lead_min=3,
     memory_settle=1.5,
     profile_requests=10,
+    delivery_messages=20,
 )
 
 

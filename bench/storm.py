@@ -1,17 +1,50 @@
 """2. Escalation lateness under a storm: N incidents whose level 1 falls due within one window
 (fast policy: three levels a second apart), executed by one worker (or two): executed_at -
-scheduled_at for every level, and whether any was lost or executed twice."""
+scheduled_at for every level, and whether any was lost or executed twice.
+
+Run once more with notifications on: one email contact per tenant, the notifier (the Procfile's
+process) delivering to a local SMTP sink while the storm runs, beside the run without contacts
+(level 1's in-app entries are written in both)."""
 
 from __future__ import annotations
 
 import time
+import uuid
 
-from bench.common import Bench, CpuMeter, log_lines, percentile, publish_escalations, seed_escalating
+from bench.common import (
+    Bench,
+    CpuMeter,
+    log_lines,
+    percentile,
+    publish_escalations,
+    seed_contacts,
+    seed_escalating,
+    tenant_name,
+)
+from bench.sinks import Sink
 
 
 def storm(
-    bench: Bench, incidents: int, window_s: float, workers: int, timeout_s: float, lead_min: float
+    bench: Bench,
+    incidents: int,
+    window_s: float,
+    workers: int,
+    timeout_s: float,
+    lead_min: float,
+    tenants: int = 1,
+    notify_settle_s: float | None = None,
 ) -> dict:
+    """The storm; with notify_settle_s, notifications on (the notifier and the SMTP sink run too, and
+    after the escalations the bench waits up to that long for every email to be sent or bundled)."""
+    notifier = sink = None
+    if notify_settle_s is not None:
+        sink = bench.start(Sink.of("smtp", bench.env, bench.log_dir, f"{bench.name}-smtp"))
+        bench.env_overrides.update(SMTP_URL=sink.url, NOTIFY_EMAIL_FROM="pager@bench.example")
+        contacts = [
+            (str(uuid.uuid4()), tenant_name(k, tenants), f"oncall-{k}@example.com") for k in range(tenants)
+        ]
+        seed_contacts(bench, "email", contacts)
+        notifier = bench.notifier()
     procs = [bench.worker(f"worker{k}", beat=(k == 0)) for k in range(workers)]
     # Handing N tasks to Redis takes a while on a busy machine (10,000 took 41 s at load 10): the
     # window should open after it; the report shows how long it took.
@@ -24,11 +57,14 @@ def storm(
         f"now() + interval '{lead_s} seconds' + {{i}} * interval '{step_ms} milliseconds'",
         published=True,
         returning=True,
+        tenants=tenants,
     )
     publish_escalations(bench, rows)
     handover_s = time.monotonic() - began
     expected = incidents * 3
     pids = {f"w{k}": p.process.pid for k, p in enumerate(procs)}
+    if notifier:
+        pids.update(notifier=notifier.process.pid, sink=sink.process.pid)
     with CpuMeter(**pids) as meter:
         deadline = time.monotonic() + lead_s + window_s + timeout_s
         while time.monotonic() < deadline:
@@ -64,6 +100,7 @@ def storm(
     fenced = sum(len(log_lines(p.log_path, "duplicate, nothing to do", p._offset)) for p in procs)
     for proc in procs:
         bench.stop(proc)
+    notifications = settle(bench, notifier, sink, meter, notify_settle_s) if notifier else None
     all_ms = [float(ms) for _level, ms in lateness + censored]
     level1 = [float(ms) for level, ms in lateness + censored if level == 1]
 
@@ -78,6 +115,7 @@ def storm(
     return {
         "workers": workers,
         "incidents": incidents,
+        "tenants": tenants,
         "window_s": window_s,
         "lead_s": lead_s,
         "handover_s": handover_s,
@@ -93,24 +131,61 @@ def storm(
         "level1": pct(level1),
         "censored": len(censored),
         "rate": (len(lateness) / float(span)) if span else float("nan"),
-        "worker_cpu_s": sum(meter.cpu.values()),
+        "worker_cpu_s": sum(cpu for name, cpu in meter.cpu.items() if name.startswith("w")),
         "wall_s": meter.wall,
         "machine_busy": meter.machine,
+        "notifications": notifications,
+    }
+
+
+def settle(bench: Bench, notifier, sink: Sink, meter: CpuMeter, settle_s: float) -> dict:
+    """After the escalations: wait for every email to be final, then count what Postgres recorded and
+    what the SMTP sink received (an incident throttled into a digest is BUNDLED, not lost)."""
+    began = time.monotonic()
+    while time.monotonic() < began + settle_s:
+        left = bench.sql(
+            "SELECT count(*) FROM notifications WHERE channel = 'email' AND status IN ('PENDING', 'SENDING')",
+            fetch=True,
+        )[0][0]
+        if not left:
+            break
+        time.sleep(1)
+    settled_s = time.monotonic() - began
+    runs = log_lines(notifier.log_path, "Task notifications.deliver[", notifier._offset)
+    bench.stop(notifier)
+    received = sink.received()
+    counts = bench.sql(
+        "SELECT channel, type, status, count(*) FROM notifications GROUP BY channel, type, status", fetch=True
+    )
+    alerts = {
+        status: n
+        for channel, kind, status, n in counts
+        if channel == "email" and kind == "incident.escalated"
+    }
+    return {
+        "contacts": bench.sql("SELECT count(*) FROM contacts", fetch=True)[0][0],
+        "alerts": alerts,
+        "digests": sum(n for channel, kind, _s, n in counts if kind == "notification.digest"),
+        "emails_sent": sum(n for channel, _k, status, n in counts if channel == "email" and status == "SENT"),
+        "in_app": sum(n for channel, _k, _s, n in counts if channel == "in_app"),
+        "received": received["messages"],
+        "distinct": received["distinct"],
+        "settled_s": settled_s,
+        "deliverer_runs": sum(1 for line in runs if "succeeded in" in line),
+        "notifier_cpu_s": meter.cpu["notifier"],
+        "sink_cpu_s": meter.cpu["sink"],
     }
 
 
 def run(cfg, run_id: str, log_dir) -> dict:
-    results = []
+    sizes = (cfg.storm_incidents, cfg.storm_window)
+    limits = (cfg.storm_timeout, cfg.storm_lead_min, cfg.storm_tenants)
+    results, notified = [], None
     for workers in cfg.storm_workers:
         with Bench(f"storm{workers}", run_id, log_dir) as bench:
-            results.append(
-                storm(
-                    bench,
-                    cfg.storm_incidents,
-                    cfg.storm_window,
-                    workers,
-                    cfg.storm_timeout,
-                    cfg.storm_lead_min,
-                )
-            )
-    return {"runs": results}
+            results.append(storm(bench, *sizes, workers, *limits))
+        if cfg.storm_notify and workers == cfg.storm_workers[0]:
+            # Right after the run it is compared with, so that both see the machine alike.
+            with Bench(f"stormnotify{workers}", run_id, log_dir) as bench:
+                notified = storm(bench, *sizes, workers, *limits, notify_settle_s=cfg.storm_notify_settle)
+    return {"runs": results, "notified": notified}

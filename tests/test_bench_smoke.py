@@ -28,14 +28,17 @@ def results(tmp_path_factory):
 
 
 def run(results, name: str) -> dict:
+    """The measurement's results: measured now, unless an earlier test of this module already did."""
     cfg, out, log_dir = results
-    measure(cfg, [name], out["run_id"], log_dir, out, None)
+    if name not in out:
+        measure(cfg, [name], out["run_id"], log_dir, out, None)
     return out[name]
 
 
 def test_throughput_measures_api_bare_and_pgbench(results):
     res = run(results, "throughput")
-    assert [len(s) for s in res["statements"].values()] == [6, 9, 9]
+    # create, escalate, resolve (which also skips unsent notifications and queues status updates)
+    assert [len(s) for s in res["statements"].values()] == [6, 9, 12]
     # pgbench ships with the PostgreSQL server packages; without it the reference is left out.
     impls = ("api", "bare", "pgbench") if pgbench_binary() else ("api", "bare")
     for rows in res["tables"].values():
@@ -50,6 +53,19 @@ def test_storm_executes_every_level_once(results):
     assert storm["unfinished"] == 0 and storm["doubled"] == 0
     assert storm["executed"] == storm["expected"]
     assert number(storm["all"]["p99"])
+
+
+def test_storm_with_notifications_delivers_every_email(results):
+    storm = run(results, "storm")["notified"]
+    assert storm["unfinished"] == 0 and storm["doubled"] == 0
+    assert number(storm["all"]["p99"]) and number(storm["rate"])
+    sent = storm["notifications"]
+    # The smoke sizes keep every contact within its throttle: each level-2 email is sent on its own.
+    assert sent["alerts"] == {"SENT": storm["incidents"]}
+    assert sent["received"] == sent["distinct"] == sent["emails_sent"] == storm["incidents"]
+    assert sent["in_app"] == storm["incidents"]
+    assert sent["contacts"] == storm["tenants"] > 1
+    assert number(sent["notifier_cpu_s"])
 
 
 def test_exec_rate_measures_escalations_and_the_noop_floor(results):
@@ -78,6 +94,23 @@ def test_cancel_measures_resolve(results):
     assert number(res["table"][0]["api"]["p99"])
 
 
+def test_delivery_measures_the_notifier_and_the_bare_loops(results):
+    res = run(results, "delivery")
+    count = res["messages"]
+    for channel, (round_,) in res["runs"].items():
+        assert round_["notifier"]["statuses"] == {"SENT": count}, channel
+        assert set(round_) == {
+            "notifier",
+            "bare",
+            "bare_one_connection" if channel == "email" else "bare_stdlib",
+        }
+        for path, measured in round_.items():
+            assert measured["sent"] == measured["received"] == measured["distinct"] == count, (channel, path)
+            assert number(measured["rate"]) and number(measured["cpu_ms"]), (channel, path)
+    for receiver in res["receivers"].values():
+        assert number(receiver["rps"]) and receiver["errors"] == 0
+
+
 def test_profile_measures_cpu_per_request_of_each_variant(results):
     res = run(results, "profile")
     for endpoint in ("create", "escalate"):
@@ -88,5 +121,6 @@ def test_profile_measures_cpu_per_request_of_each_variant(results):
 def test_report_renders_every_section(results):
     _cfg, out, _log_dir = results
     text = report.render(out)
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## Targets"):
+    headings = ("## 1.", "## 2.", "### With notifications", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.")
+    for heading in (*headings, "## 8.", "## Targets"):
         assert heading in text
