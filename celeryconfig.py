@@ -36,6 +36,10 @@ if os.environ.get("BROKER_UNACKED_RESTORE_INTERVAL"):
     )
 broker_connection_timeout = BROKER_SOCKET_TIMEOUT
 broker_connection_retry_on_startup = True
+# A worker never gives up on the broker: Celery's default (100 attempts, then exit) ends a worker
+# after a 100 s outage now that it tries every second (tasks/consumer.py); a worker that exits
+# waits for its supervisor, and no level runs meanwhile.
+broker_connection_max_retries = None
 broker_pool_limit = int(os.environ.get("BROKER_POOL_LIMIT", 10))
 
 # A publish that fails is retried once, quickly; after that the row in Postgres is the record and

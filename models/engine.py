@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -302,7 +302,9 @@ def execute(
     return "executed"
 
 
-def sweep(session: Session, settings: EngineSettings, outbox: Outbox) -> tuple[int, int]:
+def sweep(
+    session: Session, settings: EngineSettings, outbox: Outbox, lost_before: datetime | None = None
+) -> tuple[int, int]:
     """Hand over one batch of PENDING escalations due within the horizon that have no delivery in
     flight: never handed over, or handed over and now overdue past the grace (the broker lost them).
 
@@ -310,6 +312,11 @@ def sweep(session: Session, settings: EngineSettings, outbox: Outbox) -> tuple[i
     another d (at least the grace): overdue by g, 2g, 4g... Without that backoff, a queue whose
     wait exceeds the grace got one more copy of every waiting row at each sweep; the copies, each a
     full task run, starved the real work and the backlog never drained (issue 4, scenario 3).
+
+    `lost_before`: the broker is known to have lost everything it held (Redis restarted empty or
+    flushed; tasks.escalation says how that is known), so every row handed over before then is
+    handed over again at once, due or not, whatever its backoff: a level lost in two restarts in a
+    row would otherwise wait out the backoff of the first (issue 8, scenario 14).
 
     SKIP LOCKED: two sweeps at once take disjoint rows, and rows a worker is executing are skipped.
     Returns (rows handed over, of which already overdue).
@@ -328,6 +335,7 @@ def sweep(session: Session, settings: EngineSettings, outbox: Outbox) -> tuple[i
                     Escalation.scheduled_at < grace_cutoff,
                     Escalation.published_at - Escalation.scheduled_at < now - Escalation.published_at,
                 ),
+                Escalation.published_at < lost_before if lost_before else false(),
             ),
         )
         .order_by(Escalation.scheduled_at)

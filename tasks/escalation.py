@@ -109,15 +109,41 @@ def execute_escalation(self, escalation_id: str) -> str:
     return outcome
 
 
+def _broker_lost_its_data() -> bool:
+    """Whether the Redis broker lost its data since the previous sweep looked (restarted empty, or
+    flushed): a key the sweep keeps there is gone, and every message Redis held went with it.
+
+    Only for Redis (RabbitMQ keeps Celery's durable queues and persistent messages across a
+    restart). The first sweep after a deploy finds no key either: it hands over again what is in
+    flight, a few duplicate wake-ups that the engine's re-check turns into nothing.
+    """
+    celery_app = current_app.extensions["celery"]
+    if not celery_app.conf.broker_url.startswith(("redis://", "rediss://")):
+        return False
+    try:
+        with celery_app.pool.acquire(block=True, timeout=2) as connection:
+            with connection.default_channel.conn_or_acquire() as client:
+                key = f"{celery_app.conf.task_default_queue}:sweep-sentinel"
+                return bool(client.set(key, "kept by escalations.sweep", nx=True))
+    except Exception as exc:  # noqa: BLE001 - a broker that cannot answer cannot be handed anything
+        logger.warning("[SWEEP] could not check the broker's sentinel (%s)", exc)
+        return False
+
+
 @shared_task(name="escalations.sweep")
 def sweep_escalations() -> int:
     """Hand to the broker every PENDING escalation now within the horizon that it does not hold."""
     settings = current_app.extensions["engine_settings"]
+    lost_before = None
+    if _broker_lost_its_data():
+        with current_app.extensions["db"].begin() as session:
+            lost_before = engine.db_now(session)
+        logger.warning("[SWEEP] the broker lost its data: handing over again everything it held")
     total = overdue = 0
     for _ in range(MAX_SWEEP_BATCHES):
         outbox = Outbox()
         with current_app.extensions["db"].begin() as session:
-            handed, late = engine.sweep(session, settings, outbox)
+            handed, late = engine.sweep(session, settings, outbox, lost_before)
         total += handed
         overdue += late
         if not deliver(outbox) or handed < settings.sweep_batch:

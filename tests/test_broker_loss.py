@@ -141,3 +141,5 @@ def test_worker_survives_a_redis_restart_while_it_holds_eta_escalations(stack):
     eventually(lambda: all_executed(http, more), timeout=30, interval=0.5)
     assert worker.alive and worker.process.pid == pid, worker.log_tail()
     assert "Unrecoverable error" not in log.read_text()
+    # The sweep saw that Redis had lost everything and handed the held levels over again at once.
+    assert "[SWEEP] the broker lost its data" in log.read_text()[before:]
