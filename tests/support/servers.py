@@ -1,27 +1,36 @@
-"""Private PostgreSQL and Redis servers, and the `ensure` step of `make run` / `make test`.
+"""Private PostgreSQL, Redis and RabbitMQ servers, and the `ensure` step of `make run` / `make test`.
 
 Fault tests break servers, so they start their own here (installed binaries, a temporary directory,
 a free port) and never touch the machine's shared ones. `python -m tests.support.servers ensure`
 checks that DATABASE_URL and REDIS_URL answer; where one does not but its server binaries exist it
 starts a private instance under .run/, and writes the URLs to use to .run/env.
+
+RabbitMQ: tests that only use a broker get a vhost of their own on the machine's RabbitMQ
+(`rabbitmq_vhost`); tests that break the broker start a private node (`RabbitMQServer`).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import ClassVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/incidents"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def free_port() -> int:
@@ -199,6 +208,266 @@ class RedisServer:
     def restart(self) -> None:
         self.stop(kill=True)
         self.start()
+
+
+# Debian's /usr/sbin/rabbitmq-server and rabbitmqctl are wrappers that run the real scripts as the
+# rabbitmq user, with its HOME and so its Erlang cookie: right for the machine's node, wrong for a
+# private one. The real scripts are here (elsewhere, e.g. a generic Unix install, they are on PATH).
+RABBITMQ_SCRIPTS = Path("/usr/lib/rabbitmq/bin")
+
+
+def rabbitmq_script(name: str) -> str | None:
+    """The RabbitMQ script itself (rabbitmq-server, rabbitmqctl), not the distribution's su wrapper."""
+    if (RABBITMQ_SCRIPTS / name).exists():
+        return str(RABBITMQ_SCRIPTS / name)
+    return shutil.which(name)
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    """The same amqp:// URL with another vhost ('/' is written %2F, as kombu reads it)."""
+    return urlunsplit(urlsplit(url)._replace(path="/" + quote(vhost, safe="")))
+
+
+def epmd_names(port: int | None = None) -> list[str]:
+    """The node names registered with epmd (Erlang's port mapper), [] when no epmd answers."""
+    try:
+        with socket.create_connection(
+            ("127.0.0.1", port or int(os.environ.get("ERL_EPMD_PORT", 4369))), 1
+        ) as s:
+            s.sendall(b"\x00\x01n")  # NAMES_REQ
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+    except OSError:
+        return []
+    return re.findall(r"^name (\S+) at port", data[4:].decode(errors="replace"), re.M)
+
+
+@dataclass
+class RabbitMQServer:
+    """A private RabbitMQ node: its own node name, ports, data, logs, config and Erlang cookie under
+    `directory`, no plugins. kill -9 and start again keep its data (durable queues, persistent
+    messages), as a restarted production broker does.
+
+    `settings` are extra settings of the `rabbit` application, as Erlang terms: {"consumer_timeout":
+    "5000"}. It runs as the current user: the package's wrapper would switch to the rabbitmq user,
+    who cannot read a test's directory. Started in about 5 s on a 2-core machine, most of it the
+    Erlang VM loading every module of RabbitMQ's applications (once to collect the boot steps, once
+    more at "Upgrading Mnesia schema"); the config format and a cached code path change nothing.
+    """
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    settings: dict[str, str] = field(default_factory=dict)
+    name: str = field(default_factory=lambda: f"tests-{os.getpid()}-{free_port()}")
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def nodename(self) -> str:
+        return f"{self.name}@localhost"
+
+    @property
+    def url(self) -> str:
+        """The default vhost, as user guest (allowed from 127.0.0.1 only)."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def env(self) -> dict[str, str]:
+        """The environment of the node and of rabbitmqctl for it (the same HOME: the same cookie)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        return {
+            **env,
+            "HOME": str(self.directory / "home"),
+            # None (this file is never written), not the machine's: that one names the machine's node.
+            "RABBITMQ_CONF_ENV_FILE": str(self.directory / "no-rabbitmq-env.conf"),
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbitmq.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            # exec the VM instead of running it under a shell that traps signals: the process we
+            # start is the node itself, so kill -9 kills it and wait() reaps it (no orphans). Its
+            # Erlang shell reads a pipe nobody writes to.
+            "RABBITMQ_ALLOW_INPUT": "1",
+        }
+
+    def _write_files(self) -> None:
+        home = self.directory / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(uuid.uuid4().hex.upper())
+            cookie.chmod(0o400)
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        settings = "".join(f", {{{key}, {value}}}" for key, value in self.settings.items())
+        (self.directory / "rabbitmq.config").write_text(
+            f"[{{rabbit, [{{log, [{{console, [{{enabled, false}}]}}]}}{settings}]}}].\n"
+        )
+
+    def start(self, wait: bool = True) -> RabbitMQServer:
+        server = rabbitmq_script("rabbitmq-server")
+        if not server:
+            raise RuntimeError("rabbitmq-server not found: install rabbitmq-server")
+        self._write_files()
+        log = open(self.directory / "server.log", "ab")  # noqa: SIM115 - the child keeps its copy
+        self.process = subprocess.Popen(
+            [server],
+            env=self.env(),
+            cwd=self.directory,
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> RabbitMQServer:
+        """The AMQP listener opens last in RabbitMQ's boot: once it accepts, the node serves."""
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                log = (self.directory / "server.log").read_text(errors="replace")
+                raise RuntimeError(f"rabbitmq-server exited with {self.process.returncode}:\n{log[-3000:]}")
+            return port_open("127.0.0.1", self.port, 0.2)
+
+        wait_until(ready, timeout, interval=0.05, what=f"rabbitmq on port {self.port}")
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM: RabbitMQ's graceful shutdown; kill=True: kill -9 (queues recover from disk)."""
+        if self.process is None:
+            return
+        if kill:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        else:
+            self.process.terminate()
+        self.process.wait(60)
+        self.process.stdin.close()
+        self.process = None
+        # epmd forgets a node when its connection closes; starting again before that fails with
+        # "name ... seems to be in use".
+        wait_until(lambda: self.name not in epmd_names(), 10, what=f"epmd to forget {self.nodename}")
+
+    def restart(self) -> None:
+        self.stop(kill=True)
+        self.start()
+
+    def ctl(self, *args: str, timeout: float = 60) -> str:
+        """rabbitmqctl against this node; its output."""
+        result = subprocess.run(
+            [rabbitmq_script("rabbitmqctl"), "-n", self.nodename, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr or result.stdout}")
+        return result.stdout
+
+    def queues(self, vhost: str = "/") -> dict[str, tuple[int, int]]:
+        """{queue: (messages ready, messages delivered and not yet acknowledged)}."""
+        out = self.ctl(
+            "list_queues",
+            "-p",
+            vhost,
+            "--quiet",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        )
+        rows = [line.split("\t") for line in out.splitlines() if line.strip()]
+        return {name: (int(ready), int(unacked)) for name, ready, unacked in rows}
+
+
+def amqp_answers(url: str, timeout: float = 3.0) -> bool:
+    """Can guest log in to this vhost (an AMQP handshake, not just an open port)?"""
+    import kombu
+
+    try:
+        with kombu.Connection(url, connect_timeout=timeout) as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means no
+        return False
+
+
+@dataclass
+class SharedVhost:
+    """A vhost of the tests' own on the machine's RabbitMQ, made with its rabbitmqctl (the package's
+    wrapper, which runs as the rabbitmq user with the node's cookie) and deleted afterwards. The
+    tests never restart or reconfigure that node; they only add and delete their vhost."""
+
+    base_url: str
+    name: str = field(default_factory=lambda: f"incidents-test-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+    PREFIX: ClassVar[str] = "incidents-test-"
+
+    @property
+    def url(self) -> str:
+        return with_vhost(self.base_url, self.name)
+
+    @staticmethod
+    def ctl(*args: str) -> str:
+        ctl = shutil.which("rabbitmqctl") or rabbitmq_script("rabbitmqctl")
+        if not ctl:
+            raise RuntimeError("rabbitmqctl not found")
+        result = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {(result.stderr or result.stdout).strip()}")
+        return result.stdout
+
+    def create(self) -> SharedVhost:
+        # Vhosts left by test sessions that were killed before their clean-up (their pid is gone).
+        for vhost in self.ctl("list_vhosts", "--quiet", "--no-table-headers").split():
+            pid = vhost[len(self.PREFIX) :].split("-")[0]
+            if vhost.startswith(self.PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                self.ctl("delete_vhost", vhost)
+        self.ctl("add_vhost", self.name)
+        user = urlsplit(self.base_url).username or "guest"
+        self.ctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
+        return self
+
+    def delete(self) -> None:
+        self.ctl("delete_vhost", self.name)
+
+
+@contextmanager
+def rabbitmq_for_tests(directory: Path, base_url: str | None = None):
+    """Yield the amqp:// URL of a RabbitMQ vhost of the caller's own: a new vhost on the RabbitMQ at
+    base_url (RABBITMQ_URL, else 127.0.0.1:5672 as guest), deleted afterwards; when none answers
+    there (or no vhost can be made on it), the default vhost of a private node, stopped afterwards."""
+    base_url = base_url or os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
+    parts = urlsplit(base_url)
+    if port_open(parts.hostname or "127.0.0.1", parts.port or 5672):
+        vhost = SharedVhost(base_url)
+        try:
+            vhost.create()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            print(
+                f"no vhost of our own on the RabbitMQ at {parts.hostname}:{parts.port} ({exc}); a private one"
+            )
+        else:
+            try:
+                if not amqp_answers(vhost.url):
+                    raise RuntimeError(f"guest cannot use the new vhost at {vhost.url}")
+                yield vhost.url
+            finally:
+                vhost.delete()
+            return
+    server = RabbitMQServer(directory).start()
+    try:
+        yield server.url
+    finally:
+        server.stop(kill=True)
 
 
 def with_database(url: str, name: str) -> str:
