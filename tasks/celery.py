@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from celery import Celery, Task
 from celery.signals import worker_process_init
 from flask import Flask
@@ -29,3 +32,17 @@ def celery_init_app(app: Flask) -> Celery:
     worker_process_init.connect(fresh_pool, weak=False)
     app.extensions["celery"] = celery_app
     return celery_app
+
+
+def on_broker_redis(celery_app: Celery, command: Callable[[Any], Any]) -> Any:
+    """Run `command(client)` with a client of the broker when the broker is Redis, through kombu's
+    own connection pool; None when the broker is not Redis. Errors are the caller's to handle.
+
+    For the engine's few keys beside the queues: what lives in the broker is lost with the broker,
+    and that is what these keys are about (the sweep's sentinel, the notifier's wake-up flags).
+    """
+    if not celery_app.conf.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    with celery_app.pool.acquire(block=True, timeout=2) as connection:
+        with connection.default_channel.conn_or_acquire() as client:
+            return command(client)

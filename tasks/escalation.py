@@ -14,6 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from models import engine
 from models.engine import Outbox
+from tasks.celery import on_broker_redis
 from tasks.notifications import wake_at
 
 logger = logging.getLogger("escalation")
@@ -118,13 +119,9 @@ def _broker_lost_its_data() -> bool:
     flight, a few duplicate wake-ups that the engine's re-check turns into nothing.
     """
     celery_app = current_app.extensions["celery"]
-    if not celery_app.conf.broker_url.startswith(("redis://", "rediss://")):
-        return False
+    key = f"{celery_app.conf.task_default_queue}:sweep-sentinel"
     try:
-        with celery_app.pool.acquire(block=True, timeout=2) as connection:
-            with connection.default_channel.conn_or_acquire() as client:
-                key = f"{celery_app.conf.task_default_queue}:sweep-sentinel"
-                return bool(client.set(key, "kept by escalations.sweep", nx=True))
+        return bool(on_broker_redis(celery_app, lambda client: client.set(key, "kept by the sweep", nx=True)))
     except Exception as exc:  # noqa: BLE001 - a broker that cannot answer cannot be handed anything
         logger.warning("[SWEEP] could not check the broker's sentinel (%s)", exc)
         return False

@@ -20,6 +20,7 @@ from models import notify
 from models.engine import Outbox, db_now
 from models.notification import NotificationType
 from tasks import channels
+from tasks.celery import on_broker_redis
 
 logger = logging.getLogger("notifications")
 
@@ -53,14 +54,54 @@ def _message(attempt: notify.Attempt) -> channels.Message:
     )
 
 
-def wake_at(contact_id: uuid.UUID, when: datetime | None = None) -> bool:
-    """Publish a deliverer for the contact (at `when`); on a broker failure the sweep does it later."""
+# A contact is woken once per deliverer, not once per level that reaches it (a storm would cost a
+# message per notification): a flag in the broker says a deliverer is on its way and has not claimed
+# yet. The deliverer clears it before each claim, so a row committed before the clear is seen by that
+# claim, and a row committed after it sets the flag again and publishes a new deliverer. The flag
+# expires in case its deliverer was lost with its message (the sweep wakes those rows meanwhile).
+WAKE_FLAG_TTL_S = 60
+
+
+def _wake_flag(contact_id: uuid.UUID | str) -> str:
+    return f"notify-wake:{contact_id}"
+
+
+def _already_woken(contact_id: uuid.UUID) -> bool:
+    celery_app = current_app.extensions["celery"]
+    flag = _wake_flag(contact_id)
+    try:
+        raised = on_broker_redis(
+            celery_app, lambda client: bool(client.set(flag, "1", nx=True, ex=WAKE_FLAG_TTL_S))
+        )
+    except Exception:  # noqa: BLE001 - cannot tell: wake it (a spare deliverer claims nothing)
+        return False
+    return raised is False  # None: the broker is not Redis, and every wake-up is published
+
+
+def _clear_wake_flag(contact_id: str) -> None:
+    try:
+        on_broker_redis(
+            current_app.extensions["celery"], lambda client: client.delete(_wake_flag(contact_id))
+        )
+    except Exception:  # noqa: BLE001, S110 - the flag expires; meanwhile the sweep wakes what waits
+        pass
+
+
+def wake_at(contact_id: uuid.UUID, when: datetime | None = None, *, debounce: bool = True) -> bool:
+    """Publish a deliverer for the contact (at `when`); on a broker failure the sweep does it later.
+    A wake-up for now is skipped when one is already on its way (not by the sweep: it wakes what the
+    flag's deliverer evidently did not take)."""
+    debounced = when is None and debounce
+    if debounced and _already_woken(contact_id):
+        return True
     try:
         deliver_notifications.apply_async((str(contact_id),), eta=when)
     except Exception as exc:  # noqa: BLE001 - the rows are due in Postgres; the sweep wakes them
         logger.warning(
             "[NOTIFY] could not wake the deliverer of contact %s (%s); the sweep will", contact_id, exc
         )
+        if debounced:
+            _clear_wake_flag(str(contact_id))
         return False
     return True
 
@@ -81,6 +122,7 @@ def deliver_notifications(contact_id: str) -> int:
     token = uuid.uuid4()
     attempted = 0
     for _ in range(MAX_ROUNDS):
+        _clear_wake_flag(contact_id)  # before the claim: see WAKE_FLAG_TTL_S
         with db.begin() as session:
             claim = notify.claim(session, uuid.UUID(contact_id), token, db_now(session), settings)
         for notification_id in claim.ids:
@@ -124,7 +166,7 @@ def sweep_notifications() -> int:
     with current_app.extensions["db"].begin() as session:
         released, woken = notify.sweep(session, db_now(session), settings, outbox)
     for contact_id in outbox.wake:
-        wake_at(contact_id)
+        wake_at(contact_id, debounce=False)
     if released or woken:
         logger.warning("[NOTIFY] sweep: %d expired claim(s) given back, %d due row(s) woken", released, woken)
     return released + woken

@@ -6,6 +6,7 @@ acknowledgement is recognisably the same one (mail clients and the provider id b
 
 from __future__ import annotations
 
+import functools
 import smtplib
 import socket
 import ssl
@@ -108,19 +109,25 @@ class _CannotSend(Exception):
     """The settings or the server's capabilities rule sending out, whatever the retries."""
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process, made when first needed: loading the system's CA bundle
+    cost about 28 ms of CPU, most of what an email took when every message made its own (bench/NOTES)."""
+    return ssl.create_default_context()
+
+
 def _deliver(mail: EmailMessage, settings: ChannelSettings, deadline: Deadline) -> None:
     target = urlsplit(settings.smtp_url or "")
     if target.scheme not in DEFAULT_PORTS or not target.hostname:
         raise _CannotSend("SMTP_URL must be smtp://[user:pass@]host:port or smtps://...")
-    context = ssl.create_default_context()
-    implicit_tls = context if target.scheme == "smtps" else None
+    implicit_tls = _tls_context() if target.scheme == "smtps" else None
     smtp = _BoundedSMTP(deadline, implicit_tls, timeout=settings.connect_timeout_s)
     try:
         smtp.connect(target.hostname, target.port or DEFAULT_PORTS[target.scheme])
         smtp.ehlo_or_helo_if_needed()
         encrypted = implicit_tls is not None
         if not encrypted and smtp.has_extn("starttls"):
-            smtp.starttls(context=context)
+            smtp.starttls(context=_tls_context())
             smtp.ehlo()
             encrypted = True
         if target.username:
