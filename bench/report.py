@@ -183,10 +183,9 @@ def section_storm(res: dict, cfg: dict) -> tuple[list[str], list[tuple]]:
         "|---:|---|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     notified = res.get("notified")
-    rows = [(str(run["workers"]), run) for run in res["runs"]]
-    if notified:
-        rows.append((f"{notified['workers']}, with notifications", notified))
-    for label, run in rows:
+    rows = [("", run) for run in res["runs"]] + ([(", with notifications", notified)] if notified else [])
+    for extra, run in rows:
+        label = f"{run['workers']}{extra}"
         l1, al = run["level1"], run["all"]
         mark = ">= " if run["unfinished"] else ""
         lines.append(
@@ -199,14 +198,14 @@ def section_storm(res: dict, cfg: dict) -> tuple[list[str], list[tuple]]:
         )
         targets.append(
             (
-                f"storm, {label} worker(s): p99 lateness <= 250 ms",
+                f"storm, {run['workers']} worker(s){extra}: p99 lateness <= 250 ms",
                 f"{mark}{f(al['p99'])} ms",
                 al["p99"] <= 250 and not run["unfinished"],
             )
         )
         targets.append(
             (
-                f"storm, {label} worker(s): nothing lost or doubled",
+                f"storm, {run['workers']} worker(s){extra}: nothing lost or doubled",
                 f"{run['doubled']} doubled, {run['unfinished']:,} unfinished after the wait",
                 False if run["doubled"] else (None if run["unfinished"] else True),
             )
