@@ -287,7 +287,8 @@ def storm_with_notifications(run: dict, without: dict | None) -> tuple[list[str]
         f"({n['distinct']:,} distinct Message-IDs); {n['in_app']:,} in-app entries. During the storm the "
         f"notifier used {f(n['notifier_cpu_s'], 1)} s of CPU (the escalation worker "
         f"{f(run['worker_cpu_s'], 1)} s) and the sink {f(n['sink_cpu_s'], 1)} s; "
-        f"{n['deliverer_runs']:,} deliverer tasks ran before the notifier was stopped.",
+        f"{n['deliverer_runs']:,} deliverer tasks ran before the notifier was stopped, "
+        f"{n.get('idle_deliverer_runs', 0):,} of them with nothing to send.",
         "",
     ]
     targets = [

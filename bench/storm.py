@@ -172,6 +172,10 @@ def settle(bench: Bench, notifier, sink: Sink, meter: CpuMeter, settle_s: float)
         "distinct": received["distinct"],
         "settled_s": settled_s,
         "deliverer_runs": sum(1 for line in runs if "succeeded in" in line),
+        # A deliverer returns how many notifications it attempted: ": 0" ran for nothing.
+        "idle_deliverer_runs": sum(
+            1 for line in runs if "succeeded in" in line and line.rstrip().endswith(": 0")
+        ),
         "notifier_cpu_s": meter.cpu["notifier"],
         "sink_cpu_s": meter.cpu["sink"],
     }
