@@ -1,6 +1,6 @@
 """`make bench` (python -m bench.run): every measurement, then docs/BENCHMARKS.md.
 
-make bench                          # the full set (about 25 minutes on 2 cores)
+make bench                          # the full set (about 35 minutes on 2 cores)
 make bench BENCH_ARGS=--quick       # a few minutes, written to .run/BENCHMARKS-quick.md
 make bench BENCH_ARGS='--only storm memory'
 python -m bench.run --report-from .run/bench-results.json   # rewrite the report only
@@ -50,7 +50,7 @@ class Config:
     storm_lead_min: float = 10
     memory_settle: float = 5
     profile_requests: int = 200
-    delivery_messages: int = 2_000  # per channel and round, one per contact
+    delivery_messages: int = 1_000  # per channel and round, one per contact
     delivery_concurrency: int = 2  # the notifier's prefork children
 
 
