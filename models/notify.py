@@ -76,6 +76,8 @@ class Claim:
     more: bool = False
     # The throttle is full: come back then.
     wake_at: datetime | None = None
+    # A wake-up for wake_at is already on its way (an earlier claim asked for the same moment).
+    wake_scheduled: bool = False
 
 
 @dataclass
@@ -280,9 +282,17 @@ def claim(
     capacity = settings.rates.get(contact.channel, 60) - used
     if capacity <= 0:
         wake_at = (oldest + timedelta(seconds=settings.window_s)) if oldest else now + timedelta(seconds=1)
+        # Rows an earlier claim already set to wait for this very moment: their wake-up is on its way.
+        scheduled = session.scalar(
+            select(
+                select(Notification.id)
+                .where(mine, Notification.next_attempt_at == wake_at, Notification.digest_id.is_(None))
+                .exists()
+            )
+        )
         for row in due:
             row.next_attempt_at = wake_at
-        return Claim(wake_at=wake_at)
+        return Claim(wake_at=wake_at, wake_scheduled=scheduled)
     chosen = list(due[: min(capacity, settings.batch)])
     more = len(due) > len(chosen)
     if len(due) > capacity:

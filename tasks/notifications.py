@@ -8,8 +8,9 @@ SMTP server or webhook never holds up an escalation worker.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from celery import shared_task
 from flask import current_app
@@ -87,6 +88,18 @@ def _clear_wake_flag(contact_id: str) -> None:
         pass
 
 
+def _hold_wake_flag(contact_id: str, until: datetime) -> None:
+    """Keep wake-ups for now from publishing until `until`, when a deliverer is due anyway."""
+    seconds = max(1, math.ceil((until - datetime.now(UTC)).total_seconds()))
+    try:
+        on_broker_redis(
+            current_app.extensions["celery"],
+            lambda client: client.set(_wake_flag(contact_id), "1", ex=seconds),
+        )
+    except Exception:  # noqa: BLE001, S110 - then the levels meanwhile wake deliverers that wait too
+        pass
+
+
 def wake_at(contact_id: uuid.UUID, when: datetime | None = None, *, debounce: bool = True) -> bool:
     """Publish a deliverer for the contact (at `when`); on a broker failure the sweep does it later.
     A wake-up for now is skipped when one is already on its way (not by the sweep: it wakes what the
@@ -138,7 +151,10 @@ def deliver_notifications(contact_id: str) -> int:
             if retry_at is not None:
                 wake_at(uuid.UUID(contact_id), retry_at)
         if claim.wake_at is not None:
-            wake_at(uuid.UUID(contact_id), claim.wake_at)
+            if not claim.wake_scheduled:
+                wake_at(uuid.UUID(contact_id), claim.wake_at)
+            # Until then a new alert has nothing to wake: it waits for the same window.
+            _hold_wake_flag(contact_id, claim.wake_at)
             break
         if not claim.more:
             break

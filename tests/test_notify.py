@@ -187,9 +187,13 @@ def test_claims_keep_within_the_throttle_and_bundle_the_surplus_into_one_digest(
     # The window is full: a new alert waits for it, and the claim says when to come back.
     later, _ = execute_level(db, tenant)
     full = claim(db, phone)
-    assert full.ids == [] and full.wake_at is not None
+    assert full.ids == [] and full.wake_at is not None and not full.wake_scheduled
     (waiting,) = rows(db, incident_id=later, channel="sms")
     assert waiting.status is NotificationStatus.PENDING and waiting.next_attempt_at == full.wake_at
+    # Another alert in the same window waits for the same moment, whose wake-up is already asked for.
+    execute_level(db, tenant)
+    again = claim(db, phone)
+    assert again.ids == [] and again.wake_at == full.wake_at and again.wake_scheduled
 
 
 def test_a_claim_belongs_to_its_deliverer_and_an_alert_is_re_checked_before_it_is_sent(db, tenant):
