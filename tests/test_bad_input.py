@@ -216,7 +216,7 @@ def policy(levels: str, extra: str = "") -> str:
         (policy("      - {delay: 0.0001ms, notify: [email]}\n"), "below one millisecond"),
         (policy("      - {delay: 9999h, notify: [email]}\n"), "longer than 7 days"),
         (policy("      - {notify: [email]}\n"), "delay: missing"),
-        (policy("      - {delay: 1s, notify: [carrier_pigeon]}\n"), "unknown channel"),
+        (policy("      - {delay: 1s, notify: [carrier_pigeon]}\n"), "cannot be delivered"),
         (policy("      - {delay: 1s, notify: email}\n"), "list of channel names"),
         (policy("      - {delay: 1s, notify: [email], retries: 3}\n"), "unknown field"),
         ("default_policy: p\npolicies:\n  p:\n    levels: []\n", "non-empty list"),
