@@ -56,7 +56,7 @@ def test_levels_fire_in_order_each_within_a_second_and_the_last_ends_the_chain(h
         timeout=15,
     )
     assert [e["escalation_level"] for e in rows] == [1, 2, 3]
-    assert [e["notify"] for e in rows] == [["in_app"], ["email"], ["sms"]]
+    assert [e["notify"] for e in rows] == [["in_app", "webhook"], ["email"], ["sms"]]
     previous = ts(act(http, incident["id"], "acknowledge")["escalated_at"])
     for row in rows:
         lateness = (ts(row["executed_at"]) - ts(row["scheduled_at"])).total_seconds()
