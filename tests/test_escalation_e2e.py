@@ -1,13 +1,20 @@
-"""The escalation engine end to end: HTTP API (gunicorn), real Redis, a real Celery worker with the
-sweep, a fast policy (levels of about a second)."""
+"""The escalation engine end to end: HTTP API (gunicorn), a real broker, a real Celery worker with
+the sweep, a fast policy (levels of about a second).
+
+Every test runs twice: on Redis (the session's worker and gunicorn) and on RabbitMQ (a worker and a
+gunicorn with CELERY_BROKER_URL=amqp://... on a vhost of their own, and a database of their own so
+that neither worker's sweep hands the other's escalations to its broker)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
 import requests
 
+from tests.conftest import insert_key
+from tests.support import processes
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -17,12 +24,76 @@ def ts(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+class Client(requests.Session):
+    """HTTP to one deployment's gunicorn, plus what the tests reach around the API for: its database
+    (a session factory) and its broker (publish a task by name, as the engine does)."""
+
+    def __init__(self, base: str, db, broker_url: str, headers: dict[str, str]):
+        super().__init__()
+        self.base = base
+        self.db = db
+        self.broker_url = broker_url
+        self.headers.update(headers)
+
+    def publish(self, task: str, *args, copies: int = 1) -> None:
+        from celery import Celery
+
+        client = Celery("e2e-client", set_as_current=False)
+        client.config_from_object("celeryconfig")  # the engine's queue, serializer and timeouts
+        client.conf.broker_url = self.broker_url
+        try:
+            with client.connection_for_write() as connection:  # closed here, not left to the GC
+                for _ in range(copies):
+                    client.send_task(task, args, connection=connection)
+        finally:
+            client.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 @pytest.fixture(scope="module")
-def http(web, worker, auth):
-    session = requests.Session()
-    session.headers.update(auth)
-    session.base = web
-    return session
+def rabbitmq_deployment(rabbitmq_url, migrated_database, process_env, log_dir):
+    """A gunicorn and a worker (with beat) on RabbitMQ and a database of their own."""
+    from models.db import make_engine, make_session_factory
+
+    database_url = migrated_database("rabbitmq")
+    env = {**process_env, "DATABASE_URL": database_url, "CELERY_BROKER_URL": rabbitmq_url}
+    web = processes.web(env, log_dir, name="web-rabbitmq")
+    worker = processes.worker(env, log_dir, name="worker-rabbitmq", beat=True)
+    db = make_session_factory(make_engine(database_url, pool_size=2))
+    try:
+        # Both at once: each start-up is mostly imports. A generous deadline: the machine is shared.
+        with ThreadPoolExecutor(2) as pool:
+            for future in [pool.submit(web.start, 180), pool.submit(worker.start, 180)]:
+                future.result()
+        base = f"http://127.0.0.1:{web.port}"
+        # gunicorn listens before its workers have imported the app; wait until one answers.
+        eventually(lambda: _answers(f"{base}/health"), timeout=180, interval=0.5)
+        yield base, db, rabbitmq_url
+    finally:
+        worker.stop()
+        web.stop()
+        db.kw["bind"].dispose()
+
+
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def http(request):
+    """A client of the deployment on this broker."""
+    if request.param == "redis":
+        base, app = request.getfixturevalue("web"), request.getfixturevalue("app")
+        request.getfixturevalue("worker")
+        broker_url = request.getfixturevalue("process_env")["REDIS_URL"]
+        client = Client(base, app.extensions["db"], broker_url, request.getfixturevalue("auth"))
+    else:
+        base, db, broker_url = request.getfixturevalue("rabbitmq_deployment")
+        client = Client(base, db, broker_url, insert_key(db))
+    yield client
+    client.close()
 
 
 def create(http, **body) -> dict:
@@ -155,23 +226,19 @@ def test_original_design_fifteen_scenarios(http):
     assert [e["status"] for e in escalations(http, first["id"])] == ["EXECUTED", "CANCELLED"]
 
 
-def test_the_same_task_delivered_ten_times_executes_once(http, app):
+def test_the_same_task_delivered_ten_times_executes_once(http):
     """Ten copies of one escalation's task at once: one EXECUTED row, one next level, one event."""
-    from tasks.escalation import execute_escalation
-
     incident = create(http, policy="slow")
     act(http, incident["id"], "escalate")
     level1 = escalations(http, incident["id"])[0]
     # Make it due now, as if an hour had passed.
-    with app.extensions["db"].begin() as session:
+    with http.db.begin() as session:
         from sqlalchemy import text
 
         session.execute(
             text("UPDATE escalations SET scheduled_at = now() WHERE id = :id"), {"id": level1["id"]}
         )
-    with app.app_context():
-        for _ in range(10):
-            execute_escalation.apply_async((level1["id"],))
+    http.publish("escalations.execute", level1["id"], copies=10)
     rows = wait_statuses(http, incident["id"], ["EXECUTED", "PENDING"])
     import time
 
@@ -183,7 +250,7 @@ def test_the_same_task_delivered_ten_times_executes_once(http, app):
     act(http, incident["id"], "resolve")
 
 
-def test_two_sweeps_at_once_take_disjoint_rows(app, http):
+def test_two_sweeps_at_once_take_disjoint_rows(http):
     """SKIP LOCKED: concurrent sweeps never hand the same escalation over twice."""
     import threading
 
@@ -197,7 +264,7 @@ def test_two_sweeps_at_once_take_disjoint_rows(app, http):
     ids = [escalations(http, i["id"])[0]["id"] for i in incidents]
     # A wider horizon than the worker's own sweep (60 s), so that only these two sweeps see the rows.
     settings = engine.EngineSettings(eta_horizon_s=600, redelivery_grace_s=2, sweep_batch=7)
-    factory = app.extensions["db"]
+    factory = http.db
     barrier = threading.Barrier(2)
     taken: list[list] = [[], []]
     # Bring them within the horizon, never handed over; both sweeps then race for them.
@@ -232,7 +299,7 @@ def test_two_sweeps_at_once_take_disjoint_rows(app, http):
         act(http, incident["id"], "cancel")
 
 
-def test_far_future_level_is_left_to_the_sweep_until_it_enters_the_horizon(http, app):
+def test_far_future_level_is_left_to_the_sweep_until_it_enters_the_horizon(http):
     """A level due beyond the ETA horizon is not given to the broker at all (no Redis redelivery,
     no worker memory); the sweep hands it over once it comes within the horizon, and it fires on time."""
     from sqlalchemy import text
@@ -240,7 +307,7 @@ def test_far_future_level_is_left_to_the_sweep_until_it_enters_the_horizon(http,
     incident = create(http, policy="slow")
     act(http, incident["id"], "escalate")
     level1 = escalations(http, incident["id"])[0]
-    with app.extensions["db"].begin() as session:
+    with http.db.begin() as session:
         published = session.execute(
             text("SELECT task_id, published_at FROM escalations WHERE id = :id"), {"id": level1["id"]}
         ).one()

@@ -6,7 +6,7 @@ checks that DATABASE_URL and REDIS_URL answer; where one does not but its server
 starts a private instance under .run/, and writes the URLs to use to .run/env.
 
 RabbitMQ: tests that only use a broker get a vhost of their own on the machine's RabbitMQ
-(`rabbitmq_vhost`); tests that break the broker start a private node (`RabbitMQServer`).
+(`rabbitmq_for_tests`); tests that break the broker start a private node (`RabbitMQServer`).
 """
 
 from __future__ import annotations
