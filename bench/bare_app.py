@@ -59,12 +59,12 @@ CANCEL_PENDING = text(
     "UPDATE escalations SET status='CANCELLED', updated_at=:now WHERE escalations.incident_id = :id "
     "AND escalations.status = 'PENDING' RETURNING escalations.task_id"
 )
-# What resolving does to the incident's notifications (models/notify.on_transition): wait for a send
-# in flight, skip the unsent alerts, queue status updates for the contacts that were paged.
+# What resolving does to the incident's notifications (models/notify.skip_unsent, queue_status_updates): wait
+# for a send in flight, skip the unsent alerts, queue status updates for the contacts that were paged.
 NOTIFY_TIMEOUTS = text("SET LOCAL lock_timeout = 15000; SET LOCAL statement_timeout = 30000")
 SKIP_UNSENT = text(
     "UPDATE notifications SET status='SKIPPED', claim_token=NULL, last_error='incident resolved before it "
-    "was sent', updated_at=:now WHERE notifications.incident_id = :id AND notifications.type = "
+    "was sent', updated_at=clock_timestamp() WHERE notifications.incident_id = :id AND notifications.type = "
     "'incident.escalated' AND notifications.status IN ('PENDING', 'SENDING')"
 )
 QUEUE_STATUS_UPDATES = text(
@@ -139,6 +139,10 @@ def create_app() -> Flask:
             incident = conn.execute(LOCK_INCIDENT, {"id": incident_id, "tenant": key.tenant}).first()
             if incident is None:
                 abort(404)
+            if action != "escalate" and incident.escalated_at is not None:
+                # As models/notify.skip_unsent: before the clock, since it may wait for a send.
+                conn.execute(NOTIFY_TIMEOUTS)
+                conn.execute(SKIP_UNSENT, {"id": incident_id})
             now = conn.scalar(CLOCK)
             if action == "escalate":
                 if incident.state != "OPEN":
@@ -164,8 +168,6 @@ def create_app() -> Flask:
                 conn.execute(RESOLVE_INCIDENT, {"now": now, "id": incident_id})
                 cancelled = conn.execute(CANCEL_PENDING, {"now": now, "id": incident_id}).all()
                 if incident.escalated_at is not None:
-                    conn.execute(NOTIFY_TIMEOUTS)
-                    conn.execute(SKIP_UNSENT, {"now": now, "id": incident_id})
                     notified = {"now": now, "id": incident_id, "tenant": key.tenant}
                     conn.execute(QUEUE_STATUS_UPDATES, notified).all()
                 data, state = {"cancelled_escalations": len(cancelled)}, "RESOLVED"

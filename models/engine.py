@@ -220,6 +220,7 @@ def transition(
     the escalations that start or stop with it. Raises InvalidTransition and changes nothing."""
     current = incident.state
     target = next_state(current, action)
+    notify.skip_unsent(session, incident, target)  # may wait for a send in flight: before the clock
     now = db_now(session)
     incident.state = target
     incident.updated_at = now
@@ -234,7 +235,7 @@ def transition(
         _schedule_level(session, incident, 1, now, settings, outbox)
     elif current is State.ESCALATING:
         data["cancelled_escalations"] = cancel_pending(session, incident.id, now, outbox)
-    notify.on_transition(session, incident, target, now, outbox)
+    notify.queue_status_updates(session, incident, target, now, outbox)
     record_event(session, incident, EVENT_TYPE[target], now, actor=actor, from_state=current, data=data)
 
 

@@ -165,9 +165,12 @@ def _insert_for_contacts(session: Session, rows, outbox) -> None:
     outbox.wake.update(woken)
 
 
-def on_transition(session: Session, incident: Incident, target: State, now: datetime, outbox) -> None:
-    """The incident was acknowledged, resolved or cancelled: its unsent alerts are SKIPPED, and every
-    contact with status updates that was paged for it gets one message saying so."""
+def skip_unsent(session: Session, incident: Incident, target: State) -> None:
+    """The incident is being acknowledged, resolved or cancelled: its unsent alerts are SKIPPED.
+
+    Called before the transition reads its clock: the UPDATE waits for a send in flight (its row
+    lock), so that send's sent_at, and its timeline entry, come before the transition's.
+    """
     if target not in STATUS_UPDATE or incident.escalated_at is None:
         return  # never escalated: nothing was or will be sent for it
     # A send in flight holds its row lock for at most one provider attempt; wait for it rather than
@@ -185,10 +188,17 @@ def on_transition(session: Session, incident: Incident, target: State, now: date
             status=NotificationStatus.SKIPPED,
             last_error=f"incident {target.value.lower()} before it was sent",
             claim_token=None,
-            updated_at=now,
+            updated_at=func.clock_timestamp(),
         ),
         execution_options={"synchronize_session": False},
     )
+
+
+def queue_status_updates(session: Session, incident: Incident, target: State, now: datetime, outbox) -> None:
+    """Every contact with status updates that was paged for the incident gets one message saying it
+    was acknowledged, resolved or cancelled (after skip_unsent: what it waited for counts as paged)."""
+    if target not in STATUS_UPDATE or incident.escalated_at is None:
+        return
     paged = select(Notification.id).where(
         Notification.incident_id == incident.id,
         Notification.contact_id == Contact.id,
@@ -244,7 +254,11 @@ def claim(
 
     The contact's row lock serialises claims, so two deliverers never overrun the throttle together.
     """
-    contact = session.scalars(select(Contact).where(Contact.id == contact_id).with_for_update()).one_or_none()
+    # FOR NO KEY UPDATE: claims of one contact queue behind each other, but an escalation inserting
+    # a notification for it (whose foreign key takes KEY SHARE on the contact) does not wait for one.
+    contact = session.scalars(
+        select(Contact).where(Contact.id == contact_id).with_for_update(key_share=True)
+    ).one_or_none()
     if contact is None:
         return Claim()
     mine = and_(Notification.contact_id == contact_id, Notification.status == PENDING)
@@ -323,23 +337,36 @@ def claim(
 
 
 def _take(session: Session, rows: list[Notification], token, now, settings: NotifySettings, result: Claim):
-    """Mark rows SENDING for this deliverer; each one's claim lasts until its turn has surely passed."""
-    for position, row in enumerate(rows, start=1):
+    """Mark rows SENDING for this deliverer. A claim lasts one attempt: a deliverer that dies gives its
+    rows back within seconds (the sweep), and one that is slow has the rows it has not reached taken
+    over by another (begin_send then finds the token changed and leaves them)."""
+    claimed_until = now + timedelta(seconds=settings.attempt_timeout_s + settings.claim_margin_s)
+    for row in rows:
         row.status = SENDING
         row.claim_token = token
-        row.claimed_until = now + timedelta(
-            seconds=position * settings.attempt_timeout_s + settings.claim_margin_s
-        )
+        row.claimed_until = claimed_until
         row.updated_at = now
         if row.type is NotificationType.DIGEST:
             session.execute(
                 update(Notification)
                 .where(Notification.digest_id == row.id, Notification.status == PENDING)
-                .values(status=SENDING, claim_token=token, claimed_until=row.claimed_until, updated_at=now),
+                .values(status=SENDING, claim_token=token, claimed_until=claimed_until, updated_at=now),
                 execution_options={"synchronize_session": False},
             )
     result.ids = [row.id for row in rows]
     return result
+
+
+def release(session: Session, token: uuid.UUID, until: datetime, now: datetime) -> None:
+    """Give back what this deliverer claimed and has not attempted, to be tried again `until`: after
+    a transient failure the contact's next messages would most likely fail the same way, each holding
+    a notifier process for a whole attempt (a hung webhook would stall every other contact)."""
+    session.execute(
+        update(Notification)
+        .where(Notification.claim_token == token, Notification.status == SENDING)
+        .values(status=PENDING, claim_token=None, claimed_until=None, next_attempt_at=until, updated_at=now),
+        execution_options={"synchronize_session": False},
+    )
 
 
 def begin_send(
@@ -410,7 +437,7 @@ def finish(
         for member in members:
             member.status = NotificationStatus.BUNDLED
             member.updated_at = now
-        _record(session, attempt, "notification_sent", now)
+        _record(session, attempt, "notification_sent")
         return None
     if outcome.status == "retry" and age < settings.retry_for_s:
         backoff = min(settings.max_backoff_s, settings.first_retry_s * 2 ** (row.attempts - 1))
@@ -430,11 +457,11 @@ def finish(
     for member in members:
         member.status = NotificationStatus.FAILED
         member.last_error = f"digest {row.id} failed: {reason}"
-    _record(session, attempt, "notification_failed", now)
+    _record(session, attempt, "notification_failed")
     return None
 
 
-def _record(session: Session, attempt: Attempt, type_: str, now: datetime) -> None:
+def _record(session: Session, attempt: Attempt, type_: str) -> None:
     """The timeline entry of every incident the message was about."""
     from models.engine import record_event  # the engine imports this module
 
@@ -451,7 +478,10 @@ def _record(session: Session, attempt: Attempt, type_: str, now: datetime) -> No
         }
         if row.last_error:
             data["error"] = row.last_error
-        record_event(session, incident, type_, now, actor=None, from_state=incident.state, data=data)
+        # Dated when written, not when the attempt ended: no incident lock orders these entries, and
+        # two deliverers' clocks read before their inserts came out of order (by milliseconds).
+        at = func.clock_timestamp()
+        record_event(session, incident, type_, at, actor=None, from_state=incident.state, data=data)
 
 
 def sweep(

@@ -149,7 +149,10 @@ def deliver_notifications(contact_id: str) -> int:
             attempted += 1
             _log(attempt, outcome)
             if retry_at is not None:
+                with db.begin() as session:
+                    notify.release(session, token, retry_at, db_now(session))
                 wake_at(uuid.UUID(contact_id), retry_at)
+                return attempted
         if claim.wake_at is not None:
             if not claim.wake_scheduled:
                 wake_at(uuid.UUID(contact_id), claim.wake_at)

@@ -313,6 +313,31 @@ def test_a_resolve_waits_for_a_send_in_flight_so_nothing_arrives_after_it_commit
     assert resolved_at and resolved_at[0] > accepted_at
     (row,) = rows(db, id=notification_id)
     assert row.status is NotificationStatus.SENT  # sent before the resolve committed, and so recorded
+    # ...and the record says so in order: the resolve read its clock after the send it waited for.
+    with db() as session:
+        incident = session.get(Incident, incident_id)
+        timeline = session.scalars(
+            select(IncidentEvent).where(IncidentEvent.incident_id == incident_id).order_by(IncidentEvent.id)
+        ).all()
+    assert row.sent_at < incident.resolved_at
+    assert [e.type for e in timeline][-2:] == ["notification_sent", "resolved"]
+    assert timeline[-2].at < timeline[-1].at
+
+
+def test_a_transient_failure_gives_back_the_rest_of_the_claim_for_the_same_retry_time(db, tenant):
+    hook = contact(db, tenant, "webhook", address="https://example.com/hook")
+    for _ in range(3):
+        execute_level(db, tenant, notify_override=["webhook"])
+    token = uuid.uuid4()
+    first, *rest = claim(db, hook, token).ids
+    assert len(rest) == 2
+    retry_at = attempt(db, first, token, Outcome("retry", error="timed out"))
+    with db.begin() as session:
+        notify.release(session, token, retry_at, db_now(session))
+    for row in rows(db, contact_id=hook):
+        assert row.status is NotificationStatus.PENDING and row.next_attempt_at == retry_at
+        assert row.claim_token is None
+    assert [r.attempts for r in rows(db, contact_id=hook) if r.id in rest] == [0, 0]
 
 
 def test_the_sweep_gives_back_expired_claims_and_wakes_forgotten_rows_but_never_one_being_sent(db, tenant):
