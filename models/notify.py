@@ -72,8 +72,6 @@ class Claim:
     """What one claim took: the rows to send now, in order, and when to come back."""
 
     ids: list[uuid.UUID] = field(default_factory=list)
-    # Due rows were left for later (the batch was full): claim again at once.
-    more: bool = False
     # The throttle is full: come back then.
     wake_at: datetime | None = None
     # A wake-up for wake_at is already on its way (an earlier claim asked for the same moment).
@@ -262,6 +260,23 @@ def claim(
     if contact is None:
         return Claim()
     mine = and_(Notification.contact_id == contact_id, Notification.status == PENDING)
+    # One deliverer at a time per contact: another one's live claim means it is at work here, and it
+    # claims again when its batch is done. Otherwise a hung webhook would take every notifier process,
+    # each woken by a new level, and stall every other contact's messages.
+    busy = session.scalar(
+        select(
+            select(Notification.id)
+            .where(
+                Notification.contact_id == contact_id,
+                Notification.status == SENDING,
+                Notification.claim_token != token,
+                Notification.claimed_until > now,
+            )
+            .exists()
+        )
+    )
+    if busy:
+        return Claim()
     if contact.deleted_at is not None or not contact.enabled:
         why = "contact deleted" if contact.deleted_at is not None else "contact disabled"
         session.execute(
@@ -308,7 +323,6 @@ def claim(
             row.next_attempt_at = wake_at
         return Claim(wake_at=wake_at, wake_scheduled=scheduled)
     chosen = list(due[: min(capacity, settings.batch)])
-    more = len(due) > len(chosen)
     if len(due) > capacity:
         # Over the throttle: every alert beyond the slots left (one kept for the digest) goes into
         # one digest; other kinds (status updates, tests) wait for the next window.
@@ -326,14 +340,13 @@ def claim(
                 row.digest_id = digest.id
             session.flush()  # _take's UPDATE of the members must see their digest_id
             chosen = [*individual[: settings.batch - 1], digest]
-            more = len(individual) > settings.batch - 1
             waiting = [row for row in due[capacity - 1 :] if row.type is not ALERT]
             if waiting:
                 wake_at = now + timedelta(seconds=settings.window_s)
                 for row in waiting:
                     row.next_attempt_at = wake_at
                 return _take(session, chosen, token, now, settings, Claim(wake_at=wake_at))
-    return _take(session, chosen, token, now, settings, Claim(more=more))
+    return _take(session, chosen, token, now, settings, Claim())
 
 
 def _take(session: Session, rows: list[Notification], token, now, settings: NotifySettings, result: Claim):

@@ -159,8 +159,8 @@ def deliver_notifications(contact_id: str) -> int:
             # Until then a new alert has nothing to wake: it waits for the same window.
             _hold_wake_flag(contact_id, claim.wake_at)
             break
-        if not claim.more:
-            break
+        if not claim.ids:
+            break  # nothing left: rows that come later wake a deliverer of their own
     else:
         wake_at(uuid.UUID(contact_id))
     return attempted

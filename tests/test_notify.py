@@ -166,7 +166,7 @@ def test_claims_keep_within_the_throttle_and_bundle_the_surplus_into_one_digest(
     token = uuid.uuid4()
     first = claim(db, phone, token)
     # Rate 2: one slot for the oldest alert, one for a digest of the other five.
-    assert len(first.ids) == 2 and not first.more and first.wake_at is None
+    assert len(first.ids) == 2 and first.wake_at is None
     digest_id = first.ids[1]
     (digest,) = rows(db, id=digest_id)
     assert digest.type is NotificationType.DIGEST and digest.status is NotificationStatus.SENDING
@@ -383,3 +383,15 @@ def test_a_deleted_contact_stops_receiving_and_keeps_its_history(db, tenant):
     assert claim(db, mail).ids == []
     (row,) = rows(db, contact_id=mail)
     assert row.status is NotificationStatus.SKIPPED and row.last_error == "contact deleted"
+
+
+def test_one_deliverer_at_a_time_per_contact(db, tenant):
+    mail = contact(db, tenant)
+    execute_level(db, tenant)
+    first = uuid.uuid4()
+    (in_hand,) = claim(db, mail, first).ids
+    execute_level(db, tenant)  # a new alert while the first deliverer is at work
+    assert claim(db, mail, uuid.uuid4()).ids == []  # a second deliverer leaves it to the first
+    attempt(db, in_hand, first, Outcome("sent"))
+    (taken,) = claim(db, mail, first).ids  # the first one's next round takes it
+    assert taken != in_hand

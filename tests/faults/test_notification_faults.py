@@ -741,7 +741,9 @@ def test_ne_resolve_racing_the_send(make_stack):
         f"{n} incidents resolved or acknowledged 0.9-2.2 s after escalating, as their level-1 webhook alerts "
         f"(due at 1 s, {RACE_REPLY_S:g} s an answer) were being sent to 2 contacts",
         started=started,
-        minimum={"incidents": n, "executed": n},
+        # Some are resolved before level 1 falls due (0.9 s < 1 s) on purpose; those a good while
+        # after it (1.2 s or more, allowing for the level's run) must have executed it first.
+        minimum={"incidents": n, "executed": sum(delay >= 1.2 for delay in delays)},
         problems=problems,
         alerts_sent=sum(r["status"] == "SENT" for r in alerts),
         alerts_skipped=sum(r["status"] == "SKIPPED" for r in alerts),
