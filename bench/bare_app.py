@@ -2,7 +2,7 @@
 
 No schemas, no auth layer, no ORM, no Celery: one Flask view per endpoint that sends the statements
 bench.capture records from the real one (the same engine settings, pool pre-ping included), and for
-escalate/resolve one Redis write standing in for the Celery publish/revoke. Served by gunicorn with
+escalate one Redis write standing in for the Celery publish. Served by gunicorn with
 the same settings as the API: `gunicorn 'bench.bare_app:create_app()'`.
 """
 
@@ -57,7 +57,7 @@ RESOLVE_INCIDENT = text(
 )
 CANCEL_PENDING = text(
     "UPDATE escalations SET status='CANCELLED', updated_at=:now WHERE escalations.incident_id = :id "
-    "AND escalations.status = 'PENDING' RETURNING escalations.task_id"
+    "AND escalations.status = 'PENDING'"
 )
 # What resolving does to the incident's notifications (models/notify.skip_unsent, queue_status_updates): wait
 # for a send in flight, skip the unsent alerts, queue status updates for the contacts that were paged.
@@ -166,11 +166,11 @@ def create_app() -> Flask:
                 if incident.state not in ("OPEN", "ESCALATING", "ACKNOWLEDGED"):
                     abort(409)
                 conn.execute(RESOLVE_INCIDENT, {"now": now, "id": incident_id})
-                cancelled = conn.execute(CANCEL_PENDING, {"now": now, "id": incident_id}).all()
+                cancelled = conn.execute(CANCEL_PENDING, {"now": now, "id": incident_id}).rowcount
                 if incident.escalated_at is not None:
                     notified = {"now": now, "id": incident_id, "tenant": key.tenant}
                     conn.execute(QUEUE_STATUS_UPDATES, notified).all()
-                data, state = {"cancelled_escalations": len(cancelled)}, "RESOLVED"
+                data, state = {"cancelled_escalations": cancelled}, "RESOLVED"
             conn.execute(
                 INSERT_EVENT,
                 {
@@ -184,8 +184,9 @@ def create_app() -> Flask:
                 },
             )
             conn.commit()
-        # One Redis write where the real endpoint publishes (escalate) or broadcasts a revoke (resolve).
-        broker.lpush(scratch, json.dumps({"id": str(incident_id), "action": action}))
+        # One Redis write where the real endpoint publishes (escalate); a resolve tells the broker nothing.
+        if action == "escalate":
+            broker.lpush(scratch, json.dumps({"id": str(incident_id), "action": action}))
         result = _row(incident)
         result.update(state=state, updated_at=now.isoformat())
         return jsonify(result)

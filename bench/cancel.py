@@ -1,5 +1,5 @@
 """6. Cancellation: POST /incidents/{id}/resolve of ESCALATING incidents with a pending level that
-was handed to the broker (so the resolve cancels it and broadcasts a revoke), next to the bare
+was handed to the broker (so the resolve cancels it), next to the bare
 endpoint and pgbench running the same SQL."""
 
 from __future__ import annotations

@@ -490,8 +490,8 @@ def section_cancel(res: dict) -> tuple[list[str], list[tuple]]:
         "## 6. Cancellation (resolve with a pending level)",
         "",
         "POST /incidents/{id}/resolve of ESCALATING incidents whose level 1 was handed to the broker: "
-        "the resolve cancels it in the same transaction and broadcasts a revoke. References as in "
-        "section 1 (the bare endpoint does one Redis LPUSH where the API broadcasts the revoke).",
+        "the resolve cancels it in the same transaction (no revoke: the row stops it). References as in "
+        "section 1.",
         "",
         "| conns | api req/s | bare req/s | pgbench tx/s | api/bare | api p50 / p95 / p99 ms | "
         "bare p50 / p95 / p99 ms "
@@ -520,8 +520,7 @@ def section_cancel(res: dict) -> tuple[list[str], list[tuple]]:
             )
     lines += [
         "",
-        "*What limits it:* as in section 1, gunicorn CPU per request; the revoke broadcast adds a Redis "
-        "publish after the commit.",
+        "*What limits it:* as in section 1, gunicorn CPU per request.",
         "",
     ]
     return lines, targets

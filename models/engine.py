@@ -53,7 +53,6 @@ class Outbox:
     """What the broker must be told once the transaction has committed, and what to log then."""
 
     publish: list[Delivery] = field(default_factory=list)
-    revoke: list[str] = field(default_factory=list)
     # Contacts with notifications to deliver: each one's deliverer is woken (models/notify.py).
     wake: set[uuid.UUID] = field(default_factory=set)
     log: list[str] = field(default_factory=list)
@@ -165,20 +164,23 @@ def _schedule_level(
 
 
 def cancel_pending(session: Session, incident_id: uuid.UUID, now: datetime, outbox: Outbox) -> int:
-    """Mark every PENDING escalation of the incident CANCELLED; their tasks are revoked after commit."""
-    rows = session.execute(
+    """Mark every PENDING escalation of the incident CANCELLED: the row is what stops the level.
+
+    Their tasks are not revoked: a revoke is a broadcast that kombu retries without limit, so with
+    the broker gone it held a resolve request for as long as the outage lasted (RabbitMQ and Redis
+    alike). A cancelled level's task wakes a worker, which finds it CANCELLED and does nothing.
+    """
+    cancelled = session.execute(
         update(Escalation)
         .where(Escalation.incident_id == incident_id, Escalation.status == PENDING)
-        .values(status=EscalationStatus.CANCELLED, updated_at=now)
-        .returning(Escalation.task_id),
+        .values(status=EscalationStatus.CANCELLED, updated_at=now),
         execution_options={"synchronize_session": False},
-    ).all()
-    outbox.revoke.extend(task_id for (task_id,) in rows if task_id)
-    if rows:
+    ).rowcount
+    if cancelled:
         outbox.log.append(
-            f"[ESCALATION] Cancelled {len(rows)} pending escalation(s) for incident {incident_id}"
+            f"[ESCALATION] Cancelled {cancelled} pending escalation(s) for incident {incident_id}"
         )
-    return len(rows)
+    return cancelled
 
 
 def record_event(

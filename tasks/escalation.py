@@ -42,8 +42,8 @@ def _broker_failed(what: str, count: int, exc: Exception) -> None:
 
 
 def deliver(outbox: Outbox) -> bool:
-    """After commit: log, publish the escalations handed over, wake the deliverers of the contacts
-    that have notifications, revoke the cancelled escalations.
+    """After commit: log, publish the escalations handed over, and wake the deliverers of the
+    contacts that have notifications.
 
     Never raises and never waits long on a sick broker: the rows in Postgres already say what must
     happen, and the sweep delivers whatever could not be published here. Returns False when the
@@ -67,12 +67,6 @@ def deliver(outbox: Outbox) -> bool:
         # A wake-up that fails leaves due rows in Postgres: the notification sweep wakes them.
         if _broker_resting() or not wake_at(contact_id):
             break
-    if outbox.revoke and not _broker_resting():
-        try:
-            # A courtesy that saves a wake-up: the CANCELLED row is what stops the level.
-            current_app.extensions["celery"].control.revoke(outbox.revoke)
-        except Exception as exc:  # noqa: BLE001
-            _broker_failed("revoke", len(outbox.revoke), exc)
     return True
 
 
