@@ -12,6 +12,7 @@ def _env_float(name: str, default: float) -> float:
 
 # The broker: CELERY_BROKER_URL wins, else REDIS_URL. Redis by default; RabbitMQ (amqp://) works too.
 broker_url = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP = broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
 # Seconds a message may stay unacknowledged before Redis hands it to another worker. ETA tasks are
 # unacknowledged until they run, so the engine only publishes tasks due within
@@ -34,6 +35,10 @@ if os.environ.get("BROKER_UNACKED_RESTORE_INTERVAL"):
         unacked_restore_interval=_env_float("BROKER_UNACKED_RESTORE_INTERVAL", 10),
         unacked_restore_throttle=1,
     )
+if AMQP:
+    # py-amqp ignores the Redis transport's options; broker_connection_timeout bounds its connect and
+    # handshake (1 s against a broker that never answers, tests/test_rabbitmq.py).
+    broker_transport_options = {}
 broker_connection_timeout = BROKER_SOCKET_TIMEOUT
 broker_connection_retry_on_startup = True
 # A worker never gives up on the broker: Celery's default (100 attempts, then exit) ends a worker
@@ -77,7 +82,11 @@ task_time_limit = 60
 # An escalation spends most of its time waiting on Postgres, not on the CPU: twice the cores
 # overlaps the waiting (measured in docs/BENCHMARKS.md). Each child holds a database connection.
 worker_concurrency = int(os.environ.get("WORKER_CONCURRENCY", 2 * (os.cpu_count() or 2)))
-worker_prefetch_multiplier = int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", 4))
+# RabbitMQ gives a worker back the ETA tasks it held (after a reconnect or a restart) only
+# concurrency x multiplier per turn of its event loop, about once a second when idle: with 4, 300
+# held levels took 30 s to come back, and due levels and the sweep waited behind them; with 32, 5 s.
+# Redis hands them all over at once (tests/test_rabbitmq.py).
+worker_prefetch_multiplier = int(os.environ.get("WORKER_PREFETCH_MULTIPLIER", 32 if AMQP else 4))
 worker_hijack_root_logger = False
 
 # Flower builds its views from the workers' events (received, started, succeeded...). The

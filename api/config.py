@@ -43,6 +43,8 @@ class Settings:
     visibility_timeout_s: float
     max_body_bytes: int = 64 * 1024
     notify: NotifySettings = field(default_factory=NotifySettings)
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    consumer_timeout_s: float = 1800.0
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -55,6 +57,8 @@ class Settings:
                 redelivery_grace_s=_float(env, "ESCALATION_REDELIVERY_GRACE", 30),
             ),
             visibility_timeout_s=_float(env, "BROKER_VISIBILITY_TIMEOUT", 3600),
+            broker_url=env.get("CELERY_BROKER_URL") or env.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+            consumer_timeout_s=_float(env, "BROKER_CONSUMER_TIMEOUT", 1800),
             notify=NotifySettings(
                 rates={
                     channel: _rate(env, f"NOTIFY_RATE_{channel.upper()}", default)
@@ -74,9 +78,18 @@ class Settings:
         horizon = self.engine.eta_horizon_s
         if horizon <= 0:
             raise ConfigError("ESCALATION_ETA_HORIZON must be positive")
-        # An ETA task is unacknowledged until it runs; it must run well before Redis's sweep
-        # hands it to a second worker.
-        if horizon > self.visibility_timeout_s / 2:
+        # An ETA task is unacknowledged until it runs. RabbitMQ closes a channel whose delivery
+        # outlives its consumer_timeout, and a Celery worker exits on that (celery/celery#6760,
+        # tests/faults/test_rabbitmq_faults.py); Redis hands it to a second worker after the
+        # visibility timeout. Either way it must run well before.
+        if self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+            if horizon > self.consumer_timeout_s / 2:
+                raise ConfigError(
+                    f"ESCALATION_ETA_HORIZON ({horizon:g} s) must be at most half of "
+                    f"BROKER_CONSUMER_TIMEOUT ({self.consumer_timeout_s:g} s, RabbitMQ's consumer_timeout): "
+                    "a worker holding an escalation longer is disconnected by RabbitMQ and exits"
+                )
+        elif horizon > self.visibility_timeout_s / 2:
             raise ConfigError(
                 f"ESCALATION_ETA_HORIZON ({horizon:g} s) must be at most half of "
                 f"BROKER_VISIBILITY_TIMEOUT ({self.visibility_timeout_s:g} s): escalations held "

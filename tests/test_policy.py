@@ -677,6 +677,25 @@ def test_default_eta_horizon_must_fit_a_smaller_visibility_timeout():
         Settings.from_env({"BROKER_VISIBILITY_TIMEOUT": "500"})
 
 
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def test_on_rabbitmq_the_horizon_must_fit_its_consumer_timeout_not_the_visibility_timeout():
+    """A delivery held past RabbitMQ's consumer_timeout closes the channel and the worker exits."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"CELERY_BROKER_URL": AMQP_URL, "BROKER_CONSUMER_TIMEOUT": "500"})
+    assert str(info.value) == (
+        "ESCALATION_ETA_HORIZON (300 s) must be at most half of BROKER_CONSUMER_TIMEOUT (500 s, "
+        "RabbitMQ's consumer_timeout): a worker holding an escalation longer is disconnected by RabbitMQ "
+        "and exits"
+    )
+    # The visibility timeout is Redis's: on RabbitMQ it does not limit the horizon.
+    settings = Settings.from_env({"CELERY_BROKER_URL": AMQP_URL, "BROKER_VISIBILITY_TIMEOUT": "100"})
+    assert settings.consumer_timeout_s == 1800 and settings.engine.eta_horizon_s == 300
+    # And on Redis the consumer timeout means nothing.
+    assert Settings.from_env({"BROKER_CONSUMER_TIMEOUT": "100"}).engine.eta_horizon_s == 300
+
+
 @pytest.mark.parametrize(("horizon", "visibility"), [("1800", "3600"), ("300", None), ("60", "120")])
 def test_eta_horizon_up_to_half_the_visibility_timeout_is_accepted(horizon, visibility):
     env = {"ESCALATION_ETA_HORIZON": horizon}
