@@ -61,8 +61,14 @@ def machine() -> dict[str, str]:
     }
 
 
+def _order(row: dict) -> tuple:
+    """Escalation scenarios by number (1, 2 ... 19), then the notification ones (Na, Nb ...)."""
+    label = row["scenario"].split(".")[0]
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+
+
 def render(rows: list[dict], wall_s: float | None) -> str:
-    rows = sorted(rows, key=lambda r: (int(r["scenario"].split(".")[0]), r["scenario"]))
+    rows = sorted(rows, key=_order)
     info = machine()
     lines = [
         "# Reliability: what breaks, and what the escalation engine does about it",
