@@ -27,12 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg2
-import redis
 import requests
 
 from tests.support import invariants, processes
 from tests.support.invariants import Figures, RequestRecord
-from tests.support.servers import PostgresServer, RedisServer, find_binary, port_open, wait_until
+from tests.support.servers import PostgresServer, RedisServer, wait_until
 
 # What every stack runs with (production: 5 s and 30 s).
 SWEEP_INTERVAL_S = 1.0
@@ -65,6 +64,16 @@ policies:
       - {delay: 1s, notify: [email]}
       - {delay: 1s, notify: [sms]}
 """
+
+
+def held_policy(delays_s: range) -> str:
+    """FAST_POLICY plus a policy `held<d>` per delay d: level 1 d seconds out (the worker holds it as
+    an ETA task meanwhile), level 2 one second later."""
+    return FAST_POLICY + "".join(
+        f"  held{d}:\n    levels:\n      - {{delay: {d}s, notify: [in_app]}}\n"
+        "      - {delay: 1s, notify: [sms]}\n"
+        for d in delays_s
+    )
 
 
 def lateness_bound(margin_s: float) -> float:
@@ -137,58 +146,6 @@ class Api:
     def close(self) -> None:
         for session in self._sessions:
             session.close()
-
-
-class DurableRedis(RedisServer):
-    """A private Redis that keeps its data across a restart, as a production one does: an append-only
-    file, fsynced every second and on a graceful shutdown (SIGTERM), read back at start.
-    (tests/support/servers.RedisServer keeps nothing on disk; its start() hard-codes that.)"""
-
-    def start(self) -> DurableRedis:
-        server = find_binary("redis-server")
-        if not server:
-            raise RuntimeError("redis-server not found: install redis-server")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(self.directory),
-                "--logfile",
-                str(self.directory / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_until(lambda: port_open("127.0.0.1", self.port, 0.2), 10, what="redis")
-        # Answering is not enough: Redis refuses commands while it loads the file (LOADING).
-        wait_until(self._loaded, 10, interval=0.1, what="redis loaded its data")
-        return self
-
-    def _loaded(self) -> bool:
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        try:
-            return client.ping()
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
-
-    def restart_graceful(self) -> None:
-        """SHUTDOWN as an operator's restart does it (SIGTERM: the file is flushed), then start."""
-        self.stop(kill=False)
-        self.start()
 
 
 @dataclass
@@ -334,7 +291,7 @@ class Stack:
         # A copy of a cluster that already has the schema (alembic upgrade head ran on the template).
         subprocess.run(["cp", "-a", str(template), str(pg_dir)], check=True)
         self.pg = PostgresServer(pg_dir)
-        self.redis = (DurableRedis if durable_redis else RedisServer)(root / "redis")
+        self.redis = RedisServer(root / "redis", durable=durable_redis)
         self.policy_file = root / "policy.yaml"
         self.policy_file.write_text(policy)
         self.procs: list[processes.Process] = []

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from tests.faults.stack import Traffic, scale, verdict
+from tests.faults.stack import Traffic, held_policy, scale, verdict
 from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.faults
@@ -31,19 +31,7 @@ pytestmark = pytest.mark.faults
 # escalation: a worker holds each as an ETA task until then, and they fall due ~25 a second, not all
 # at once. Level 2 follows 1 s later.
 HELD_DELAYS_S = range(10, 18)
-HELD_POLICY = """\
-default_policy: fast
-policies:
-  fast:
-    levels:
-      - {delay: 2s, notify: [in_app]}
-      - {delay: 1s, notify: [email]}
-      - {delay: 1s, notify: [sms]}
-""" + "".join(
-    f"  held{d}:\n    levels:\n      - {{delay: {d}s, notify: [in_app]}}\n"
-    "      - {delay: 1s, notify: [sms]}\n"
-    for d in HELD_DELAYS_S
-)
+HELD_POLICY = held_policy(HELD_DELAYS_S)
 TRAFFIC_RATE = 2.0  # incidents created and escalated per second during the fault
 
 
@@ -203,7 +191,7 @@ def test_s12_redis_restarted_with_its_data(make_stack):
     def fault():
         kept["before"] = _unacked(stack)
         with stack.outage("redis restarted with its data"):
-            stack.redis.restart_graceful()  # SIGTERM (the append-only file is flushed), start again
+            stack.redis.restart(graceful=True)  # SIGTERM (the append-only file is flushed), start again
         kept["after"] = _unacked(stack)
 
     _held_scenario(

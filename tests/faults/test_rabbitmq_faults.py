@@ -27,7 +27,7 @@ from datetime import datetime
 import psycopg2
 import pytest
 
-from tests.faults.stack import Traffic, scale, verdict
+from tests.faults.stack import Traffic, held_policy, scale, verdict
 from tests.support.servers import RabbitMQServer, wait_until
 
 pytestmark = pytest.mark.faults
@@ -35,19 +35,7 @@ pytestmark = pytest.mark.faults
 # Level 1 is held by the worker as an ETA task for 18 to 23 s (inside the stack's 60 s horizon): long
 # enough for a RabbitMQ restart (about 5 s to start) to happen while every one is held.
 HELD_DELAYS_S = range(18, 24)
-HELD_POLICY = """\
-default_policy: fast
-policies:
-  fast:
-    levels:
-      - {delay: 2s, notify: [in_app]}
-      - {delay: 1s, notify: [email]}
-      - {delay: 1s, notify: [sms]}
-""" + "".join(
-    f"  held{d}:\n    levels:\n      - {{delay: {d}s, notify: [in_app]}}\n"
-    "      - {delay: 1s, notify: [sms]}\n"
-    for d in HELD_DELAYS_S
-)
+HELD_POLICY = held_policy(HELD_DELAYS_S)
 TRAFFIC_RATE = 2.0  # incidents created and escalated per second during the fault
 # What the worker logs when the broker closes its connection or a channel.
 LOST = "Connection to broker lost"

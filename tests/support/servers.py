@@ -160,11 +160,14 @@ class PostgresServer:
 
 @dataclass
 class RedisServer:
-    """A private Redis that keeps nothing on disk, like the machine's."""
+    """A private Redis that keeps nothing on disk, like the machine's; `durable`, one that keeps its
+    data across a restart as a production one does (an append-only file, fsynced every second and
+    on a graceful shutdown, read back at start)."""
 
     directory: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    durable: bool = False
 
     @property
     def url(self) -> str:
@@ -185,7 +188,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.durable else "no",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 str(self.directory),
                 "--logfile",
@@ -196,7 +201,21 @@ class RedisServer:
             start_new_session=True,
         )
         wait_until(lambda: port_open("127.0.0.1", self.port, 0.2), 10, what="redis")
+        if self.durable:
+            # Answering is not enough: Redis refuses commands while it loads its file (LOADING).
+            wait_until(self._loaded, 10, interval=0.1, what="redis loaded its data")
         return self
+
+    def _loaded(self) -> bool:
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        try:
+            return client.ping()
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     def stop(self, kill: bool = False) -> None:
         if self.process is None:
@@ -205,8 +224,10 @@ class RedisServer:
         self.process.wait(10)
         self.process = None
 
-    def restart(self) -> None:
-        self.stop(kill=True)
+    def restart(self, graceful: bool = False) -> None:
+        """kill -9 and start again; `graceful`: SHUTDOWN as an operator's restart does it (SIGTERM,
+        so a durable server flushes its file first)."""
+        self.stop(kill=not graceful)
         self.start()
 
 
