@@ -622,6 +622,47 @@ class Stack:
         }
 
 
+# Incidents created and escalated per second by Traffic during a broker fault.
+TRAFFIC_RATE = 2.0
+
+
+def held_minimum(held_ids: list[str], fault_s: float) -> dict[str, int]:
+    """The work a held-ETA broker scenario must show: the held incidents and at least half of
+    Traffic's ticks created and escalated; every held incident nobody resolved (Traffic resolves a
+    quarter) ran both its levels."""
+    least_traffic = int(TRAFFIC_RATE * fault_s / 2)
+    return {
+        "incidents": len(held_ids) + least_traffic,
+        "escalated": len(held_ids) + least_traffic,
+        "executed": 2 * (len(held_ids) - len(held_ids) // 4),
+    }
+
+
+@contextmanager
+def burst(api: Api, n: int) -> Iterator[None]:
+    """Create and escalate n incidents from 8 threads (every third one resolved at once); the body
+    runs once a third of them are done (the fault), and the burst is finished when it returns."""
+
+    def one(i: int) -> None:
+        incident_id = api.create()
+        if incident_id and api.act(incident_id, "escalate").status == 200 and i % 3 == 0:
+            api.act(incident_id, "resolve")
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        while sum(f.done() for f in futures) < n // 3:
+            time.sleep(0.05)
+        yield
+        for future in futures:
+            future.result()
+
+
+def burst_minimum(n: int) -> dict[str, int]:
+    """Every create and escalate of a burst answers with the broker down (the sweep delivers later);
+    the two thirds not resolved run their three levels."""
+    return {"incidents": n, "escalated": n, "executed": 3 * (n - (n + 2) // 3)}
+
+
 class Traffic:
     """Transitions that keep arriving through the API during a fault: `rate` times a second one
     incident is created and escalated (the stack's default policy); a third of them are resolved or

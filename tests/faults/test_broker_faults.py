@@ -22,7 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from tests.faults.stack import Traffic, held_policy, scale, verdict
+from tests.faults.stack import (
+    TRAFFIC_RATE,
+    Traffic,
+    burst,
+    burst_minimum,
+    held_minimum,
+    held_policy,
+    scale,
+    verdict,
+)
 from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.faults
@@ -32,7 +41,6 @@ pytestmark = pytest.mark.faults
 # at once. Level 2 follows 1 s later.
 HELD_DELAYS_S = range(10, 18)
 HELD_POLICY = held_policy(HELD_DELAYS_S)
-TRAFFIC_RATE = 2.0  # incidents created and escalated per second during the fault
 
 
 def _unacked(stack) -> int:
@@ -90,17 +98,7 @@ def _held_scenario(stack, ids, held, fault, *, scenario, broken, after=None):
     fault_s = time.monotonic() - started
     waited = stack.settle(60)
     redelivered, handed = stack.swept()
-    # Minimum work: the held incidents and at least half the traffic's ticks created and escalated;
-    # at least the held incidents nobody resolved ran both their levels.
-    least_traffic = int(TRAFFIC_RATE * fault_s / 2)
-    figures = stack.check(
-        same_pids=True,
-        minimum={
-            "incidents": len(ids) + least_traffic,
-            "escalated": len(ids) + least_traffic,
-            "executed": 2 * (len(ids) - len(ids) // 4),
-        },
-    )
+    figures = stack.check(same_pids=True, minimum=held_minimum(ids, fault_s))
     if held < len(ids):
         figures.violate(f"[0] the worker held {held} level-1 ETA tasks, not all {len(ids)}")
     if redelivered + handed == 0:
@@ -276,30 +274,14 @@ def test_s4_redis_stopped_during_a_burst(make_stack):
     stack.start(web, worker, beat)
     api = stack.client(web)
 
-    def one(i):
-        incident_id = api.create()
-        if incident_id and api.act(incident_id, "escalate").status == 200 and i % 3 == 0:
-            api.act(incident_id, "resolve")
-
-    with stack.supervise(), ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, i) for i in range(n)]
-        while sum(f.done() for f in futures) < n // 3:
-            time.sleep(0.05)
-        with stack.outage(f"redis down {outage_s:g} s"):
+    with stack.supervise():
+        with burst(api, n), stack.outage(f"redis down {outage_s:g} s"):
             stack.redis.stop(kill=True)
             time.sleep(outage_s)
             stack.redis.start()
-        for future in futures:
-            future.result()
         waited = stack.settle(90)
     during = [r for r in api.records if r.status == 200 and r.path.endswith(("/escalate", "/resolve"))]
-    figures = stack.check(
-        response_bound_s=5,
-        same_pids=True,
-        # Every create and escalate answers with Redis down (the sweep delivers later); two thirds
-        # of the incidents run their three levels.
-        minimum={"incidents": n, "escalated": n, "executed": 3 * (n - (n + 2) // 3)},
-    )
+    figures = stack.check(response_bound_s=5, same_pids=True, minimum=burst_minimum(n))
     verdict(
         "4. Redis stopped during a burst",
         f"Redis kill -9 a third of the way into a burst of {n} create+escalate (a third resolved), "

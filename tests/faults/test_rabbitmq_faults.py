@@ -27,7 +27,16 @@ from datetime import datetime
 import psycopg2
 import pytest
 
-from tests.faults.stack import Traffic, held_policy, scale, verdict
+from tests.faults.stack import (
+    TRAFFIC_RATE,
+    Traffic,
+    burst,
+    burst_minimum,
+    held_minimum,
+    held_policy,
+    scale,
+    verdict,
+)
 from tests.support.servers import RabbitMQServer, wait_until
 
 pytestmark = pytest.mark.faults
@@ -36,7 +45,6 @@ pytestmark = pytest.mark.faults
 # enough for a RabbitMQ restart (about 5 s to start) to happen while every one is held.
 HELD_DELAYS_S = range(18, 24)
 HELD_POLICY = held_policy(HELD_DELAYS_S)
-TRAFFIC_RATE = 2.0  # incidents created and escalated per second during the fault
 # What the worker logs when the broker closes its connection or a channel.
 LOST = "Connection to broker lost"
 
@@ -133,15 +141,7 @@ def test_r1_rabbitmq_killed_and_restarted_while_etas_are_held(make_stack, rabbit
     fault_s = time.monotonic() - started
     waited = stack.settle(60)
     redelivered, handed = stack.swept()
-    least_traffic = int(TRAFFIC_RATE * fault_s / 2)
-    figures = stack.check(
-        same_pids=True,
-        minimum={
-            "incidents": len(ids) + least_traffic,
-            "escalated": len(ids) + least_traffic,
-            "executed": 2 * (len(ids) - len(ids) // 4),
-        },
-    )
+    figures = stack.check(same_pids=True, minimum=held_minimum(ids, fault_s))
     if unacked < len(ids):
         figures.violate(f"[0] RabbitMQ had {unacked} messages unacknowledged before the kill, not {len(ids)}")
     if reconnections(stack) < 1:
@@ -184,29 +184,16 @@ def test_r2_rabbitmq_down_during_a_burst(make_stack, rabbitmq):
     rabbit_procs(stack, node)
     api = stack.api
 
-    def one(i):
-        incident_id = api.create()
-        if incident_id and api.act(incident_id, "escalate").status == 200 and i % 3 == 0:
-            api.act(incident_id, "resolve")
-
-    with stack.supervise(), ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, i) for i in range(n)]
-        while sum(f.done() for f in futures) < n // 3:
-            time.sleep(0.05)
-        with stack.outage(f"rabbitmq down {down_s:g} s"):
-            node.stop(kill=True)
-            time.sleep(down_s)
-            node.start()
-        back = time.time()
-        for future in futures:
-            future.result()
+    with stack.supervise():
+        with burst(api, n):
+            with stack.outage(f"rabbitmq down {down_s:g} s"):
+                node.stop(kill=True)
+                time.sleep(down_s)
+                node.start()
+            back = time.time()
         waited = stack.settle(90)
     reconnected_s = _worker_back_after(stack, back)
-    figures = stack.check(
-        response_bound_s=5,
-        same_pids=True,
-        minimum={"incidents": n, "escalated": n, "executed": 3 * (n - (n + 2) // 3)},
-    )
+    figures = stack.check(response_bound_s=5, same_pids=True, minimum=burst_minimum(n))
     verdict(
         "17. RabbitMQ down during a burst",
         f"RabbitMQ kill -9 a third of the way into a burst of {n} create+escalate (a third resolved), "
