@@ -57,6 +57,28 @@ def _stuck_in_execute(stack) -> int:
     )[0][0]
 
 
+def _hold_pending_until_workers_block(stack, want: int, timeout: float = 60):
+    """Lock every PENDING escalation row until `want` executions wait for one inside their transaction.
+
+    The lock is let go between tries: after the previous round's kills, the levels those workers held
+    come back only through the sweep, which skips locked rows, so holding on would starve the very
+    executions this waits for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holder = psycopg2.connect(stack.database_url)
+        with holder.cursor() as cur:
+            cur.execute("SELECT id FROM escalations WHERE status = 'PENDING' FOR UPDATE")
+        try:
+            wait_until(lambda: _stuck_in_execute(stack) >= want, 3, what="workers blocked inside execute()")
+            return holder
+        except TimeoutError:
+            holder.rollback()
+            holder.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_s2_worker_killed_inside_the_executing_transaction(make_stack):
     n = scale("s2_incidents", 200)
     stack = make_stack()
@@ -70,10 +92,7 @@ def test_s2_worker_killed_inside_the_executing_transaction(make_stack):
         # and waits inside its transaction for ours. kill -9 it there, then let go. Until both
         # workers are back, nothing can run: the bounds count from then.
         with stack.outage(f"rows locked, both workers killed inside execute(), round {index + 1}"):
-            holder = psycopg2.connect(stack.database_url)
-            with holder.cursor() as cur:
-                cur.execute("SELECT id FROM escalations WHERE status = 'PENDING' FOR UPDATE")
-            wait_until(lambda: _stuck_in_execute(stack) >= 4, 30, what="workers blocked inside execute()")
+            holder = _hold_pending_until_workers_block(stack, want=4)
             in_flight.append(_stuck_in_execute(stack))
             stack.kill(w1)
             stack.kill(w2)
