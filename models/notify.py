@@ -44,6 +44,8 @@ STATUS_UPDATE = {
     State.RESOLVED: NotificationType.RESOLVED,
     State.CANCELLED: NotificationType.CANCELLED,
 }
+# Due rows one claim reads at most (a storm's surplus beyond them is bundled by the next round).
+DUE_LIMIT = 1000
 # Messages per contact per window when the environment says nothing (NOTIFY_RATE_<CHANNEL>).
 DEFAULT_RATES = {"sms": 3, "email": 10, "slack": 20, "webhook": 120}
 
@@ -76,6 +78,10 @@ class Claim:
     wake_at: datetime | None = None
     # A wake-up for wake_at is already on its way (an earlier claim asked for the same moment).
     wake_scheduled: bool = False
+    # Due rows are left that this claim neither took, bundled nor set to wait: claim again after
+    # sending these. Otherwise a row committed later wakes a deliverer of its own, and one more
+    # claim round would find nothing (for a contact with one message, it would cost half the work).
+    more: bool = False
 
 
 @dataclass
@@ -290,7 +296,7 @@ def claim(
         select(Notification)
         .where(mine, Notification.next_attempt_at <= now, Notification.digest_id.is_(None))
         .order_by(Notification.created_at, Notification.id)
-        .limit(1000)
+        .limit(DUE_LIMIT)
         .with_for_update(skip_locked=True)
     ).all()
     if not due:
@@ -322,6 +328,8 @@ def claim(
         for row in due:
             row.next_attempt_at = wake_at
         return Claim(wake_at=wake_at, wake_scheduled=scheduled)
+    # The query's limit reached: rows beyond it are due too.
+    truncated = len(due) == DUE_LIMIT
     chosen = list(due[: min(capacity, settings.batch)])
     if len(due) > capacity:
         # Over the throttle: every alert beyond the slots left (one kept for the digest) goes into
@@ -340,13 +348,16 @@ def claim(
                 row.digest_id = digest.id
             session.flush()  # _take's UPDATE of the members must see their digest_id
             chosen = [*individual[: settings.batch - 1], digest]
+            more = truncated or len(individual) > len(chosen) - 1
             waiting = [row for row in due[capacity - 1 :] if row.type is not ALERT]
             if waiting:
                 wake_at = now + timedelta(seconds=settings.window_s)
                 for row in waiting:
                     row.next_attempt_at = wake_at
-                return _take(session, chosen, token, now, settings, Claim(wake_at=wake_at))
-    return _take(session, chosen, token, now, settings, Claim())
+                return _take(session, chosen, token, now, settings, Claim(wake_at=wake_at, more=more))
+            return _take(session, chosen, token, now, settings, Claim(more=more))
+    # Over the throttle without a digest to make: the next round finds it full and says when.
+    return _take(session, chosen, token, now, settings, Claim(more=truncated or len(due) > len(chosen)))
 
 
 def _take(session: Session, rows: list[Notification], token, now, settings: NotifySettings, result: Claim):
@@ -382,21 +393,25 @@ def release(session: Session, token: uuid.UUID, until: datetime, now: datetime) 
     )
 
 
-def begin_send(
-    session: Session, notification_id: uuid.UUID, token: uuid.UUID, now: datetime
-) -> Attempt | None:
+def begin_send(session: Session, notification_id: uuid.UUID, token: uuid.UUID) -> Attempt | None:
     """Lock a claimed notification and re-check it: still this deliverer's, still worth sending.
 
     The row lock is held through the provider call until finish() commits: a transition's SKIP waits
     for it, and no sweep or other deliverer can take the row meanwhile. None: nothing to send.
     """
-    row = session.scalars(
-        select(Notification).where(Notification.id == notification_id).with_for_update()
+    # One round trip: the row (locked), its contact and incident, and the clock.
+    found = session.execute(
+        select(Notification, Contact, Incident, func.clock_timestamp())
+        .join(Contact, Contact.id == Notification.contact_id)
+        .outerjoin(Incident, Incident.id == Notification.incident_id)
+        .where(Notification.id == notification_id)
+        .with_for_update(of=Notification)
     ).one_or_none()
-    if row is None or row.status is not SENDING or row.claim_token != token:
+    if found is None:
+        return None
+    row, contact, incident, now = found
+    if row.status is not SENDING or row.claim_token != token:
         return None  # skipped by a transition, or the claim expired and another deliverer has it
-    contact = session.get(Contact, row.contact_id)
-    incident = session.get(Incident, row.incident_id) if row.incident_id else None
     if row.type is ALERT and incident.state is not State.ESCALATING:
         _skip(row, f"incident {incident.state.value.lower()} before it was sent", now)
         return None

@@ -140,7 +140,7 @@ def deliver_notifications(contact_id: str) -> int:
             claim = notify.claim(session, uuid.UUID(contact_id), token, db_now(session), settings)
         for notification_id in claim.ids:
             with db.begin() as session:
-                attempt = notify.begin_send(session, notification_id, token, db_now(session))
+                attempt = notify.begin_send(session, notification_id, token)
                 if attempt is None:
                     continue
                 # The row lock is held through the provider call: see models/notify.py.
@@ -159,7 +159,7 @@ def deliver_notifications(contact_id: str) -> int:
             # Until then a new alert has nothing to wake: it waits for the same window.
             _hold_wake_flag(contact_id, claim.wake_at)
             break
-        if not claim.ids:
+        if not claim.more:
             break  # nothing left: rows that come later wake a deliverer of their own
     else:
         wake_at(uuid.UUID(contact_id))

@@ -118,7 +118,7 @@ def claim(db, contact_id, token=None) -> notify.Claim:
 def attempt(db, notification_id, token, outcome: Outcome):
     """begin_send + finish in one transaction, as the deliverer does around the provider call."""
     with db.begin() as session:
-        started = notify.begin_send(session, notification_id, token, db_now(session))
+        started = notify.begin_send(session, notification_id, token)
         if started is None:
             return None
         return notify.finish(session, started, outcome, db_now(session), RULES)
@@ -304,7 +304,7 @@ def test_a_resolve_waits_for_a_send_in_flight_so_nothing_arrives_after_it_commit
     resolver = threading.Thread(target=resolve)
     resolver.start()
     with db.begin() as session:
-        started = notify.begin_send(session, notification_id, token, db_now(session))
+        started = notify.begin_send(session, notification_id, token)
         provider_called.set()
         time.sleep(1.0)  # the provider takes its time; the resolve is waiting meanwhile
         accepted_at = time.monotonic()
@@ -354,7 +354,7 @@ def test_the_sweep_gives_back_expired_claims_and_wakes_forgotten_rows_but_never_
             .values(claimed_until=text("now() - interval '1 second'"))
         )
     with db.begin() as sending:
-        assert notify.begin_send(sending, in_flight, token, db_now(sending)) is not None  # its lock held
+        assert notify.begin_send(sending, in_flight, token) is not None  # its lock held
         outbox = Outbox()
         with db.begin() as session:
             released, _ = notify.sweep(session, db_now(session), RULES, outbox)
@@ -395,3 +395,19 @@ def test_one_deliverer_at_a_time_per_contact(db, tenant):
     attempt(db, in_hand, first, Outcome("sent"))
     (taken,) = claim(db, mail, first).ids  # the first one's next round takes it
     assert taken != in_hand
+
+
+def test_a_claim_says_whether_due_rows_are_left_for_another_round(db, tenant):
+    hook = contact(db, tenant, "webhook", address="https://example.com/hook")
+    for _ in range(RULES.batch + 2):
+        execute_level(db, tenant, notify_override=["webhook"])
+    token = uuid.uuid4()
+    first = claim(db, hook, token)
+    assert len(first.ids) == RULES.batch and first.more  # a batch taken, two rows left
+    for notification_id in first.ids:
+        attempt(db, notification_id, token, Outcome("sent"))
+    second = claim(db, hook, token)
+    assert len(second.ids) == 2 and not second.more  # the last ones: no third round
+    for notification_id in second.ids:
+        attempt(db, notification_id, token, Outcome("sent"))
+    assert claim(db, hook, token) == notify.Claim()
