@@ -7,6 +7,7 @@ SMTP server or webhook never holds up an escalation worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import uuid
@@ -29,13 +30,20 @@ logger = logging.getLogger("notifications")
 MAX_ROUNDS = 10
 
 
-def _message(attempt: notify.Attempt) -> channels.Message:
-    """What the channel sends: the notification, its contact, and the incident as the API shows it."""
+@functools.cache
+def _incident_schemas():
+    """The incident as the API shows it, whole and in brief (built once: a schema costs more to build
+    than to use)."""
     from api.schemas import IncidentSchema  # the API's own representation, not a second one
 
+    return IncidentSchema(), IncidentSchema(only=("id", "title", "severity", "state"))
+
+
+def _message(attempt: notify.Attempt) -> channels.Message:
+    """What the channel sends: the notification, its contact, and the incident as the API shows it."""
+    whole, brief = _incident_schemas()
     row = attempt.notification
-    incident = IncidentSchema().dump(attempt.incident) if attempt.incident else None
-    brief = IncidentSchema(only=("id", "title", "severity", "state"))
+    incident = whole.dump(attempt.incident) if attempt.incident else None
     # The first ten incidents of a digest by name; its total counts all of them.
     digest = tuple(
         {**brief.dump(member_incident), "level": member.level}
