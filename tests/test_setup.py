@@ -11,12 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.processes import procfile
 from tests.support.servers import PROJECT_ROOT, free_port, port_open, wait_until
-
-
-def procfile() -> dict[str, str]:
-    lines = (PROJECT_ROOT / "Procfile").read_text().splitlines()
-    return dict(line.split(": ", 1) for line in lines if line and not line.startswith("#"))
 
 
 def test_procfile_has_every_process():

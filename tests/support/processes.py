@@ -18,6 +18,12 @@ from tests.support.servers import PROJECT_ROOT, free_port, port_open, wait_until
 BIN = Path(sys.executable).parent
 
 
+def procfile(path: Path = PROJECT_ROOT / "Procfile") -> dict[str, str]:
+    """A Procfile's process types and their commands."""
+    lines = path.read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line and not line.startswith("#"))
+
+
 @dataclass
 class Process:
     """A started process and its log file."""
@@ -28,6 +34,7 @@ class Process:
     log_path: Path
     ready_text: str | None = None
     port: int | None = None
+    cwd: Path = PROJECT_ROOT
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 60) -> Process:
@@ -36,7 +43,7 @@ class Process:
         self.process = subprocess.Popen(
             self.cmd,
             env=self.env,
-            cwd=PROJECT_ROOT,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
