@@ -4,6 +4,7 @@ Read by tasks/celery.py through `config_from_object("celeryconfig")`.
 """
 
 import os
+import ssl
 
 
 def _env_float(name: str, default: float) -> float:
@@ -13,6 +14,25 @@ def _env_float(name: str, default: float) -> float:
 # The broker: CELERY_BROKER_URL wins, else REDIS_URL. Redis by default; RabbitMQ (amqp://) works too.
 broker_url = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP = broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+# Managed Redis speaks TLS: a rediss:// URL, with a password (Heroku's, among others). Given no TLS
+# options, kombu connects to it without checking its certificate at all; here the certificate is
+# checked unless REDIS_SSL_CERT_REQS says otherwise:
+# - required (the default): the server's certificate must be signed by a trusted CA (the system's,
+#   or the file REDIS_SSL_CA_CERTS names) and name the host;
+# - optional: the same for a client (a server always presents a certificate: it is checked);
+# - none: encrypted but not authenticated, for a platform whose Redis has a self-signed certificate.
+# An ssl_cert_reqs in the URL's query wins: kombu then takes every TLS option from the URL and none
+# from here (give ssl_ca_certs there too). Every Redis client of the service goes through the
+# broker's connection (the sweep's sentinel, the notifier's flags, /health, Flower): one setting.
+REDIS_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+if broker_url.startswith("rediss://"):
+    _cert_reqs = os.environ.get("REDIS_SSL_CERT_REQS") or "required"
+    if _cert_reqs.lower() not in REDIS_CERT_REQS:
+        raise ValueError(f"REDIS_SSL_CERT_REQS: expected required, optional or none, got {_cert_reqs!r}")
+    broker_use_ssl = {"ssl_cert_reqs": REDIS_CERT_REQS[_cert_reqs.lower()]}
+    if os.environ.get("REDIS_SSL_CA_CERTS"):
+        broker_use_ssl["ssl_ca_certs"] = os.environ["REDIS_SSL_CA_CERTS"]
 
 # Seconds a message may stay unacknowledged before Redis hands it to another worker. ETA tasks are
 # unacknowledged until they run, so the engine only publishes tasks due within

@@ -19,7 +19,9 @@ def celery_init_app(app: Flask) -> Celery:
                 return self.run(*args, **kwargs)
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
-    celery_app.config_from_object("celeryconfig")
+    # Read now, not at the first publish: a setting celeryconfig refuses (REDIS_SSL_CERT_REQS=maybe)
+    # stops the process as it starts, instead of a web that answers 503 for ever.
+    celery_app.config_from_object("celeryconfig", force=True)
     celery_app.set_default()
     # Register the tasks with this app (shared_task binds them to every app).
     import tasks.escalation  # noqa: F401

@@ -64,6 +64,31 @@ def find_binary(name: str) -> str | None:
     return candidates[0] if candidates else None
 
 
+@dataclass(frozen=True)
+class Certificate:
+    """A self-signed certificate (its own CA, as a managed Redis's is) and its private key."""
+
+    cert: Path
+    key: Path
+
+
+def make_certificate(directory: Path, name: str = "server") -> Certificate:
+    """A self-signed certificate for 127.0.0.1 and localhost, valid for two days, made with openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    made = Certificate(directory / f"{name}.crt", directory / f"{name}.key")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(made.key), "-out", str(made.cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return made
+
+
 def _as_postgres_user(cmd: list[str]) -> list[str]:
     # PostgreSQL refuses to run as root; CI and these machines run as root.
     if os.geteuid() == 0:
@@ -73,15 +98,20 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
 
 @dataclass
 class PostgresServer:
-    """A private PostgreSQL cluster: start, and stop (fast or kill -9) and start again on the same port."""
+    """A private PostgreSQL cluster: start, and stop (fast or kill -9) and start again on the same port.
+
+    With `ssl`, it serves TLS with that certificate and refuses TCP connections without it, as a
+    managed Postgres does; its URL then says sslmode=require."""
 
     directory: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    ssl: Certificate | None = None
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        query = "?sslmode=require" if self.ssl else ""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres{query}"
 
     def init(self) -> PostgresServer:
         initdb, postgres = find_binary("initdb"), find_binary("postgres")
@@ -103,7 +133,23 @@ class PostgresServer:
                 check=True,
                 capture_output=True,
             )
+        if self.ssl:
+            self._serve_tls_only()
         return self
+
+    def _serve_tls_only(self) -> None:
+        # The server reads its key only when the postgres user owns it and nobody else can read it.
+        for source, name in ((self.ssl.cert, "server.crt"), (self.ssl.key, "server.key")):
+            target = self.directory / name
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            if os.geteuid() == 0:
+                shutil.chown(target, "postgres", "postgres")
+        (self.directory / "pg_hba.conf").write_text(
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n"
+        )
+        with open(self.directory / "postgresql.conf", "a") as conf:
+            conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
 
     def start(self) -> PostgresServer:
         postgres = find_binary("postgres")
@@ -162,16 +208,31 @@ class PostgresServer:
 class RedisServer:
     """A private Redis that keeps nothing on disk, like the machine's; `durable`, one that keeps its
     data across a restart as a production one does (an append-only file, fsynced every second and
-    on a graceful shutdown, read back at start)."""
+    on a graceful shutdown, read back at start). With `tls` and `password`, one as a PaaS hands it
+    over: TLS only, with that certificate, and a password (a rediss:// URL)."""
 
     directory: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     durable: bool = False
+    tls: Certificate | None = None
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"{scheme}://{credentials}127.0.0.1:{self.port}/0"
+
+    def _server_options(self) -> list[str]:
+        options = ["--port", str(self.port)]
+        if self.tls:
+            options = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            options += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
+            options += ["--tls-ca-cert-file", str(self.tls.cert)]
+        if self.password:
+            options += ["--requirepass", self.password]
+        return options
 
     def start(self) -> RedisServer:
         server = find_binary("redis-server")
@@ -181,8 +242,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 server,
-                "--port",
-                str(self.port),
+                *self._server_options(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -209,7 +269,8 @@ class RedisServer:
     def _loaded(self) -> bool:
         import redis
 
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        trust = {"ssl_ca_certs": str(self.tls.cert)} if self.tls else {}
+        client = redis.Redis.from_url(self.url, socket_timeout=1, **trust)
         try:
             return client.ping()
         except redis.RedisError:
