@@ -99,6 +99,15 @@ worker_consumer = "tasks.consumer:Consumer"
 task_soft_time_limit = 50
 task_time_limit = 60
 
+# A PaaS stops a dyno (daily, and on every deploy) with SIGTERM to every process in it, pool
+# processes included, then SIGKILL 30 s later. Celery's pool processes die of that SIGTERM in the
+# middle of their task: a webhook the provider accepted is sent again (tests/faults/
+# test_dyno_restarts.py). So the Procfile runs the workers with REMAP_SIGTERM=SIGQUIT: the pool
+# processes ignore SIGTERM, and the worker stops taking tasks, lets those running finish for up to
+# this long (a delivery attempt is bounded at 10 s), gives the rest back to the broker and exits,
+# well inside the platform's 30 s. (Celery sleeps the whole of it when any task is running.)
+worker_soft_shutdown_timeout = _env_float("WORKER_SOFT_SHUTDOWN_TIMEOUT", 12)
+
 # An escalation spends most of its time waiting on Postgres, not on the CPU: twice the cores
 # overlaps the waiting (measured in docs/BENCHMARKS.md). Each child holds a database connection.
 worker_concurrency = int(os.environ.get("WORKER_CONCURRENCY", 2 * (os.cpu_count() or 2)))

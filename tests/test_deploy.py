@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from packaging.utils import canonicalize_name
 
 from tests.conftest import SERVER_URL, TEST_DB
 from tests.support import servers
-from tests.support.processes import Process, procfile
+from tests.support.processes import Process, procfile, procfile_env
 from tests.support.servers import PROJECT_ROOT, free_port
 from tests.support.waiting import eventually
 
@@ -109,6 +110,24 @@ def test_flower_app_runs_the_procfile_flower_on_the_routed_port():
     """Flower's own app (README, Deploying) runs the very flower command, as its web on $PORT."""
     flower_app = procfile(PROJECT_ROOT / "Procfile.flower")
     assert flower_app == {"web": "FLOWER_PORT=$PORT FLOWER_ADDRESS=0.0.0.0 " + procfile()["flower"]}
+
+
+# Heroku's time between SIGTERM and SIGKILL when it stops a dyno (daily, and on every deploy).
+PLATFORM_GRACE_S = 30.0
+
+
+def test_every_process_stops_within_the_platforms_grace():
+    """gunicorn's graceful timeout and the workers' soft shutdown fit inside the 30 s a dyno gets
+    between SIGTERM and SIGKILL, with room left to close; the workers run with REMAP_SIGTERM=SIGQUIT,
+    so that the SIGTERM every process of the dyno gets does not kill their tasks (celeryconfig.py).
+    tests/faults/test_dyno_restarts.py restarts a whole stack that way."""
+    import celeryconfig
+
+    graceful = re.search(r"--graceful-timeout (\d+)", procfile()["web"])
+    assert graceful and float(graceful.group(1)) <= PLATFORM_GRACE_S - 5
+    assert celeryconfig.worker_soft_shutdown_timeout <= PLATFORM_GRACE_S - 10
+    for name in ("worker", "notifier"):
+        assert procfile_env(name) == {"REMAP_SIGTERM": "SIGQUIT"}, name
 
 
 def _copy_of_the_repository(destination: Path) -> Path:

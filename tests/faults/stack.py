@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -265,6 +266,33 @@ class Supervisor:
                 return
             proc.kill()
             self.exits.append(Exit(proc.name, popen.pid, popen.returncode, self._now(), intended=True))
+
+    def terminate(self, procs: list[processes.Process], grace_s: float) -> dict[str, str]:
+        """A PaaS's restart of these processes: SIGTERM to every process of each (its whole process
+        group: the platform signals every process of a dyno, pool processes included), then SIGKILL
+        to whatever is left grace_s later. Each exit is recorded as intended, saying how it ended;
+        returns {name: how}. Nothing is started again here."""
+        with self.lock:
+            self.poll()  # an exit that came first is not the scenario's
+            live = {proc.name: proc for proc in procs if proc.process is not None}
+            began = time.monotonic()
+            for proc in live.values():
+                os.killpg(proc.process.pid, signal.SIGTERM)
+            ended: dict[str, str] = {}
+            while len(ended) < len(live) and time.monotonic() - began < grace_s:
+                for name, proc in live.items():
+                    if name not in ended and proc.process.poll() is not None:
+                        after = time.monotonic() - began
+                        ended[name] = f"exited {proc.process.returncode} {after:.1f} s after SIGTERM"
+                time.sleep(0.05)
+            for name, proc in live.items():
+                popen = proc.process
+                ended.setdefault(name, f"SIGKILL after the {grace_s:g} s grace")
+                proc.kill()  # SIGKILL to the group: the process, or pool processes that outlived it
+                self.exits.append(
+                    Exit(name, popen.pid, popen.returncode, self._now(), intended=True, note=ended[name])
+                )
+            return ended
 
     def unintended(self) -> list[Exit]:
         return [e for e in self.exits if not e.intended]

@@ -6,7 +6,9 @@ forked, and waits until it is ready.
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +24,14 @@ def procfile(path: Path = PROJECT_ROOT / "Procfile") -> dict[str, str]:
     """A Procfile's process types and their commands."""
     lines = path.read_text().splitlines()
     return dict(line.split(": ", 1) for line in lines if line and not line.startswith("#"))
+
+
+def procfile_env(process: str) -> dict[str, str]:
+    """The variables the Procfile's command for `process` sets before its program
+    (`REMAP_SIGTERM=SIGQUIT celery ...`): the helpers below start the same program with them."""
+    words = procfile()[process].split()
+    assignments = itertools.takewhile(lambda word: re.fullmatch(r"[A-Z_]+=\S*", word), words)
+    return dict(word.split("=", 1) for word in assignments)
 
 
 @dataclass
@@ -130,6 +140,7 @@ def worker(
     ]
     if beat:
         cmd += ["--beat", "--schedule", str(log_dir / f"{name}-beat-schedule")]
+    env = {**procfile_env("worker"), **env}
     return Process(name, cmd, env, log_dir / f"{name}.log", ready_text="ready.")
 
 
