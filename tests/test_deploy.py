@@ -130,6 +130,12 @@ def test_every_process_stops_within_the_platforms_grace():
         assert procfile_env(name) == {"REMAP_SIGTERM": "SIGQUIT"}, name
 
 
+def dockerfile_cmd(path: Path) -> list[str]:
+    """The Dockerfile's CMD (its JSON form)."""
+    (line,) = [line for line in path.read_text().splitlines() if line.startswith("CMD ")]
+    return json.loads(line[len("CMD ") :])
+
+
 def _copy_of_the_repository(destination: Path) -> Path:
     """What a push sends: the files git knows (tracked, or new and not ignored), without .venv,
     .run or caches."""
@@ -157,9 +163,9 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> str:
 @pytest.mark.e2e
 def test_the_buildpack_install_runs_every_procfile_process(tmp_path):
     """A fresh virtualenv, `pip install -r requirements.txt` in a copy of the repository and nothing
-    else; then, from that copy and that virtualenv only: release migrates an empty database, web
-    answers /health, worker, notifier and beat start and stay up, Flower's app asks for its
-    password; and each stops cleanly on SIGTERM, as a dyno does."""
+    else; then, from that copy and that virtualenv only: release (through the Dockerfile's CMD)
+    migrates an empty database, web answers /health, worker, notifier and beat start and stay up,
+    Flower's app asks for its password; and each stops cleanly on SIGTERM, as a dyno does."""
     timings = {}
     started = time.monotonic()
     app = _copy_of_the_repository(tmp_path / "app")
@@ -199,7 +205,9 @@ def test_the_buildpack_install_runs_every_procfile_process(tmp_path):
     procs: list[Process] = []
     try:
         step = time.monotonic()
-        _run(["sh", "-c", commands["release"]], app, env, 120)
+        # Run as the Dockerfile's CMD runs a Procfile entry (PROCESS=release): the container's way
+        # of choosing a command, tried here without Docker.
+        _run(dockerfile_cmd(app / "Dockerfile"), app, {**env, "PROCESS": "release"}, 120)
         with psycopg2.connect(env["DATABASE_URL"], connect_timeout=5) as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM alembic_version")
             assert cur.fetchone() == (1,), "release did not migrate the database"
