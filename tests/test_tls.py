@@ -81,11 +81,13 @@ CONNECTED = {"database": "ok", "broker": "ok", "on_broker_redis": True}
 def test_the_redis_certificate_is_checked_as_configured(tls):
     """Unset or `required`: checked against the system's CAs and REDIS_SSL_CA_CERTS (a self-signed
     certificate is refused until trusted); `optional`: the same for a client; `none`: not checked.
-    An ssl_cert_reqs in the URL wins both ways. A wrong password or an unknown setting is refused."""
+    An ssl_cert_reqs in the URL wins both ways. A wrong password or an unknown setting is refused.
+    And PGSSLMODE decides for a DATABASE_URL that says no sslmode, as Heroku's."""
     certificate, server, database_url = tls
     url = server.url
-    base = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_SSL_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_SSL_", "PG"))}
     base.update(DATABASE_URL=database_url, REDIS_URL=url)
+    plain_database = {"DATABASE_URL": database_url.split("?")[0], "REDIS_SSL_CERT_REQS": "none"}
     cases = {
         "unset": {},
         "required": {"REDIS_SSL_CERT_REQS": "required"},
@@ -108,6 +110,9 @@ def test_the_redis_certificate_is_checked_as_configured(tls):
             "REDIS_SSL_CERT_REQS": "none",
         },
         "an unknown setting": {"REDIS_SSL_CERT_REQS": "maybe"},
+        # Heroku's DATABASE_URL says no sslmode: libpq then reads PGSSLMODE (README, Deploying).
+        "PGSSLMODE=require": {**plain_database, "PGSSLMODE": "require"},
+        "PGSSLMODE=disable": {**plain_database, "PGSSLMODE": "disable"},
     }
     # Each in its own process (celeryconfig reads the environment once); two at a time, for 2 cores.
     with ThreadPoolExecutor(2) as pool:
@@ -118,11 +123,16 @@ def test_the_redis_certificate_is_checked_as_configured(tls):
         "required, trusting the certificate",
         "none",
         "none in the URL, required in the environment",
+        "PGSSLMODE=require",
     }, found
     refused = {"database": "ok", "broker": "unavailable: OperationalError"}
     for name in ("unset", "required", "optional", "required in the URL, none in the environment"):
         assert found[name] == refused, (name, found[name])
     assert found["a wrong password"] == refused, found["a wrong password"]
+    # The server refuses a connection without TLS (its pg_hba.conf has hostssl lines only).
+    assert found["PGSSLMODE=disable"]["database"] == "unavailable: OperationalError", found[
+        "PGSSLMODE=disable"
+    ]
     # A process with a setting it does not know stops as it starts, naming it.
     assert "REDIS_SSL_CERT_REQS: expected required, optional or none, got 'maybe'" in str(
         found["an unknown setting"]
