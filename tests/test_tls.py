@@ -130,9 +130,8 @@ def test_the_redis_certificate_is_checked_as_configured(tls):
         assert found[name] == refused, (name, found[name])
     assert found["a wrong password"] == refused, found["a wrong password"]
     # The server refuses a connection without TLS (its pg_hba.conf has hostssl lines only).
-    assert found["PGSSLMODE=disable"]["database"] == "unavailable: OperationalError", found[
-        "PGSSLMODE=disable"
-    ]
+    without_tls = found["PGSSLMODE=disable"]
+    assert without_tls["database"] == "unavailable: OperationalError", without_tls
     # A process with a setting it does not know stops as it starts, naming it.
     assert "REDIS_SSL_CERT_REQS: expected required, optional or none, got 'maybe'" in str(
         found["an unknown setting"]
