@@ -131,10 +131,15 @@ for _action in Action:
 def list_events(incident_id):
     """The incident's timeline: every transition and escalation step, oldest first."""
     _find(incident_id)
+    # By time, then id: engine steps are serialised by the incident lock (their ids follow their
+    # times), but a delivery's entry is written without it (models/notify.py, _record), so its id
+    # may come before an engine step dated a moment earlier.
     events = (
         db_session()
         .scalars(
-            select(IncidentEvent).where(IncidentEvent.incident_id == incident_id).order_by(IncidentEvent.id)
+            select(IncidentEvent)
+            .where(IncidentEvent.incident_id == incident_id)
+            .order_by(IncidentEvent.at, IncidentEvent.id)
         )
         .all()
     )
