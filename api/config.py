@@ -41,7 +41,9 @@ class Settings:
     policy_file: Path
     engine: EngineSettings
     visibility_timeout_s: float
-    max_body_bytes: int = 64 * 1024
+    # Above the largest valid body: an incident's 10,563 characters of text may each arrive as a
+    # 12-byte JSON escape (an astral character as two \uXXXX), 127 KB in all.
+    max_body_bytes: int = 256 * 1024
     notify: NotifySettings = field(default_factory=NotifySettings)
     broker_url: str = "redis://127.0.0.1:6379/0"
     consumer_timeout_s: float = 1800.0

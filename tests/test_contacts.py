@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select
 from standardwebhooks import Webhook
 
+from api.schemas import SINGLE_LINE_ERROR
 from models.contact import Contact
 from models.notification import Notification, NotificationStatus, NotificationType
 from tests.test_api import INVALID_REQUEST, MISSING_ID, assert_error, cursor_of, ts
@@ -301,14 +302,14 @@ def test_twilio_settings_are_needed_all_three(app, database_url, tenant):
         ({"channel": None}, {"channel": ["Field may not be null."]}),
         ({"name": ""}, {"name": ["Length must be between 1 and 200."]}),
         ({"name": "n" * 201}, {"name": ["Length must be between 1 and 200."]}),
-        ({"name": "on\ncall"}, {"name": ["Control characters are not allowed."]}),
-        ({"name": "on\tcall"}, {"name": ["Control characters are not allowed."]}),
-        ({"name": "a\x00b"}, {"name": ["Control characters are not allowed."]}),
+        ({"name": "on\ncall"}, {"name": [SINGLE_LINE_ERROR]}),
+        ({"name": "on\tcall"}, {"name": [SINGLE_LINE_ERROR]}),
+        ({"name": "a\x00b"}, {"name": [SINGLE_LINE_ERROR]}),
         ({"name": "a\ud800b"}, {"name": ["Unpaired surrogates are not valid text."]}),
         ({"name": 5}, {"name": ["Not a valid string."]}),
         (
             {"address": "a@example.com\r\nBcc: x@example.com"},
-            {"address": ["Control characters are not allowed."]},
+            {"address": [SINGLE_LINE_ERROR]},
         ),
         ({"address": "x" * 2049}, {"address": ["Length must be between 1 and 2048."]}),
         ({"levels": []}, {"levels": ["Length must be between 1 and 100."]}),
@@ -470,7 +471,7 @@ def test_patch_address_is_checked_for_the_contacts_own_channel(client, bare, ten
         ({"deleted_at": None}, {"deleted_at": ["Unknown field."]}),
         ({"name": None}, {"name": ["Field may not be null."]}),
         ({"name": ""}, {"name": ["Length must be between 1 and 200."]}),
-        ({"name": "a\nb"}, {"name": ["Control characters are not allowed."]}),
+        ({"name": "a\nb"}, {"name": [SINGLE_LINE_ERROR]}),
         ({"address": None}, {"address": ["Field may not be null."]}),
         ({"levels": []}, {"levels": ["Length must be between 1 and 100."]}),
         ({"levels": [2, 2]}, {"levels": ["Levels must not repeat."]}),
@@ -637,7 +638,7 @@ def test_list_is_newest_first_in_keyset_pages(client, tenant, other):
         ("limit=x", {"limit": ["Not a valid integer."]}),
         ("cursor=nope", {"cursor": ["Invalid cursor."]}),
         (f"cursor={cursor_of(['2026-01-01T00:00:00', MISSING_ID])}", {"cursor": ["Invalid cursor."]}),
-        (f"cursor={'a' * 201}", {"cursor": ["Longer than maximum length 200."]}),
+        (f"cursor={'a' * 201}", {"cursor": ["Invalid cursor."]}),
         ("channel=email", {"channel": ["Unknown field."]}),
     ],
 )

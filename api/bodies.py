@@ -1,0 +1,33 @@
+"""Request bodies are JSON: checked once, before any view, for what the schemas cannot see."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Flask, request
+from flask_smorest import abort
+
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def check_body() -> None:
+    """A non-empty body that is not JSON is a 415 (without this, an optional body of another type
+    would be ignored and the call would succeed). JSON nested deeper than Python's parser recurses
+    is a 400, not a RecursionError's 500: no valid request nests more than a few levels."""
+    if request.method not in BODY_METHODS:
+        return
+    data = request.get_data(cache=True)  # within MAX_CONTENT_LENGTH, else a 413
+    if not data:
+        return
+    if not request.is_json:
+        abort(415, message="The request body must be JSON (Content-Type: application/json).")
+    try:
+        json.loads(data)
+    except RecursionError:
+        abort(400, message="The request body is nested too deeply.")
+    except ValueError:
+        pass  # malformed JSON: the view's parser answers 400 "Invalid JSON body." as for any other
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(check_body)
