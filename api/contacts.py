@@ -90,7 +90,7 @@ class Contacts(MethodView):
     def get(self, args):
         """List the tenant's contacts, newest first (keyset pagination: pass next_cursor back as cursor)."""
         stmt = select(Contact).where(Contact.tenant == g.api_key.tenant, Contact.deleted_at.is_(None))
-        rows, next_cursor = keyset_page(stmt, Contact, args, newest_first=True)
+        rows, next_cursor = keyset_page(stmt, (Contact.created_at, Contact.id), args, newest_first=True)
         return {"items": [row.Contact for row in rows], "next_cursor": next_cursor}
 
     @blp.arguments(ContactCreateSchema)

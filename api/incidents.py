@@ -20,6 +20,7 @@ from api.schemas import (
     IncidentListArgsSchema,
     IncidentPageSchema,
     IncidentSchema,
+    TimelineArgsSchema,
     TransitionSchema,
 )
 from models import engine
@@ -55,7 +56,7 @@ class Incidents(MethodView):
         stmt = select(Incident).where(Incident.tenant == g.api_key.tenant)
         if args.get("state"):
             stmt = stmt.where(Incident.state == args["state"])
-        rows, next_cursor = keyset_page(stmt, Incident, args, newest_first=True)
+        rows, next_cursor = keyset_page(stmt, (Incident.created_at, Incident.id), args, newest_first=True)
         return {"items": [row.Incident for row in rows], "next_cursor": next_cursor}
 
     @blp.arguments(IncidentCreateSchema)
@@ -127,38 +128,28 @@ for _action in Action:
 
 
 @blp.route("/<uuid:incident_id>/events")
+@blp.arguments(TimelineArgsSchema, location="query", unknown=RAISE)
 @blp.response(200, EventListSchema)
-def list_events(incident_id):
-    """The incident's timeline: every transition and escalation step, oldest first."""
+def list_events(args, incident_id):
+    """The incident's timeline: every transition and escalation step, oldest first, 100 a page
+    (pass next_cursor back as cursor)."""
     _find(incident_id)
     # By time, then id: engine steps are serialised by the incident lock (their ids follow their
     # times), but a delivery's entry is written without it (models/notify.py, _record), so its id
     # may come before an engine step dated a moment earlier.
-    events = (
-        db_session()
-        .scalars(
-            select(IncidentEvent)
-            .where(IncidentEvent.incident_id == incident_id)
-            .order_by(IncidentEvent.at, IncidentEvent.id)
-        )
-        .all()
-    )
-    return {"items": events}
+    stmt = select(IncidentEvent).where(IncidentEvent.incident_id == incident_id)
+    rows, next_cursor = keyset_page(stmt, (IncidentEvent.at, IncidentEvent.id), args, newest_first=False)
+    return {"items": [row.IncidentEvent for row in rows], "next_cursor": next_cursor}
 
 
 @blp.route("/<uuid:incident_id>/escalations")
 @blp.route("/escalations/<uuid:incident_id>", endpoint="escalations_original_path")
+@blp.arguments(TimelineArgsSchema, location="query", unknown=RAISE)
 @blp.response(200, EscalationListSchema)
-def list_escalations(incident_id):
-    """The incident's escalations by level: PENDING, EXECUTED or CANCELLED, never deleted."""
+def list_escalations(args, incident_id):
+    """The incident's escalations in the order they were scheduled (level by level): PENDING,
+    EXECUTED or CANCELLED, never deleted; 100 a page (pass next_cursor back as cursor)."""
     _find(incident_id)
-    escalations = (
-        db_session()
-        .scalars(
-            select(Escalation)
-            .where(Escalation.incident_id == incident_id)
-            .order_by(Escalation.escalation_level)
-        )
-        .all()
-    )
-    return {"items": escalations}
+    stmt = select(Escalation).where(Escalation.incident_id == incident_id)
+    rows, next_cursor = keyset_page(stmt, (Escalation.created_at, Escalation.id), args, newest_first=False)
+    return {"items": [row.Escalation for row in rows], "next_cursor": next_cursor}

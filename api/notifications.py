@@ -21,9 +21,9 @@ from api.schemas import (
     InboxEntrySchema,
     InboxPageSchema,
     NotificationPageSchema,
-    PageArgsSchema,
     ReadAllResultSchema,
     ReadAllSchema,
+    TimelineArgsSchema,
 )
 from models.engine import db_now
 from models.incident import Incident
@@ -47,7 +47,9 @@ incident_blp.before_request(authenticate)
 def delivery_log(where, args: dict, *, newest_first: bool) -> dict:
     """A page of the tenant's notifications matching `where`, every channel and status."""
     stmt = select(Notification).where(Notification.tenant == g.api_key.tenant, where)
-    rows, next_cursor = keyset_page(stmt, Notification, args, newest_first=newest_first)
+    rows, next_cursor = keyset_page(
+        stmt, (Notification.created_at, Notification.id), args, newest_first=newest_first
+    )
     return {"items": [row.Notification for row in rows], "next_cursor": next_cursor}
 
 
@@ -88,7 +90,7 @@ def list_inbox(args):
     stmt = _inbox(select(*_ENTRY))
     if args["unread"]:
         stmt = stmt.where(Notification.read_at.is_(None))
-    rows, next_cursor = keyset_page(stmt, Notification, args, newest_first=True)
+    rows, next_cursor = keyset_page(stmt, (Notification.created_at, Notification.id), args, newest_first=True)
     return {"items": [_entry(row) for row in rows], "next_cursor": next_cursor}
 
 
@@ -146,7 +148,7 @@ def mark_all_read(data):
 
 
 @incident_blp.route("/<uuid:incident_id>/notifications")
-@incident_blp.arguments(PageArgsSchema, location="query", unknown=RAISE)
+@incident_blp.arguments(TimelineArgsSchema, location="query", unknown=RAISE)
 @incident_blp.response(200, NotificationPageSchema)
 def incident_delivery_log(args, incident_id: uuid.UUID):
     """The incident's delivery log: every notification, all channels and statuses, oldest first."""

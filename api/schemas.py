@@ -93,10 +93,16 @@ class IncidentSchema(Schema):
     escalated_at = fields.AwareDateTime(dump_only=True, allow_none=True)
     resolved_at = fields.AwareDateTime(dump_only=True, allow_none=True)
     cancelled_at = fields.AwareDateTime(dump_only=True, allow_none=True)
+    report_count = fields.Integer(
+        dump_only=True,
+        metadata={"description": "Reports of its dedup_key while it was active, the first included"},
+    )
+    last_reported_at = fields.AwareDateTime(dump_only=True, allow_none=True)
 
 
-# At most 16 digits of microseconds (until 2286): every match is a valid datetime.
-CURSOR = r"^[0-9]{1,16}\.[0-9a-f]{32}$"
+# A keyset position: the last item's time in microseconds since the epoch (at most 16 digits, until
+# 2286) and its id in hex (a UUID's 128 bits, or a timeline entry's number). Every match is a position.
+CURSOR = r"^[0-9]{1,16}\.[0-9a-f]{1,32}$"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -106,6 +112,12 @@ class PageArgsSchema(Schema):
         validate=FullMatch(CURSOR, error="Invalid cursor."),
         metadata={"description": "next_cursor of the previous page"},
     )
+
+
+class TimelineArgsSchema(PageArgsSchema):
+    """An incident's own lists (timeline, escalations, deliveries): oldest first, 100 a page."""
+
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=100))
 
 
 class IncidentListArgsSchema(PageArgsSchema):
@@ -130,6 +142,7 @@ class EventSchema(Schema):
 
 class EventListSchema(Schema):
     items = fields.List(fields.Nested(EventSchema), dump_only=True)
+    next_cursor = fields.String(dump_only=True, allow_none=True)
 
 
 class EscalationSchema(Schema):
@@ -146,6 +159,7 @@ class EscalationSchema(Schema):
 
 class EscalationListSchema(Schema):
     items = fields.List(fields.Nested(EscalationSchema), dump_only=True)
+    next_cursor = fields.String(dump_only=True, allow_none=True)
 
 
 class HealthSchema(Schema):
@@ -341,17 +355,17 @@ class ReadAllResultSchema(Schema):
     count = fields.Integer(dump_only=True, metadata={"description": "How many entries were marked read"})
 
 
-def encode_cursor(created_at: datetime, item_id: uuid.UUID) -> str:
-    """A keyset cursor: the last item's (created_at, id), as microseconds since the epoch and the
-    id's hex digits."""
-    micros = (created_at - EPOCH) // timedelta(microseconds=1)
-    return f"{micros}.{item_id.hex}"
+def encode_cursor(at: datetime, item_id: uuid.UUID | int) -> str:
+    """The cursor after an item: its time and its id (api/paging.py)."""
+    micros = (at - EPOCH) // timedelta(microseconds=1)
+    number = item_id.int if isinstance(item_id, uuid.UUID) else item_id
+    return f"{micros}.{number:x}"
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """Reverse encode_cursor. Every string matching CURSOR is a position (a page after it may be
-    empty); anything else raises ValidationError."""
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    """Reverse encode_cursor: the time and the id as a number. Every string matching CURSOR is a
+    position (a page after it may be empty); anything else raises ValidationError."""
     if re.fullmatch(CURSOR, cursor) is None:
         raise ValidationError("Invalid cursor.")
-    micros, item_id = cursor.split(".")
-    return EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=item_id)
+    micros, number = cursor.split(".")
+    return EPOCH + timedelta(microseconds=int(micros)), int(number, 16)

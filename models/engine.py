@@ -78,9 +78,15 @@ def lock_incident(session: Session, incident_id: uuid.UUID, tenant: str | None =
     return session.scalars(stmt).one_or_none()
 
 
+# Reports of an active incident's dedup_key add to its report_count each time, and to its timeline
+# at most this often.
+REPORTED_AGAIN_EVERY = timedelta(minutes=1)
+
+
 def report(session: Session, incident: Incident, *, actor: uuid.UUID) -> tuple[Incident, bool]:
     """Insert a new incident with its 'created' entry; or, when an active incident of the tenant has
-    the same dedup_key, add 'reported_again' to that one's timeline instead. Returns (incident, created).
+    the same dedup_key, count the report on that one (and say so in its timeline at most once a
+    minute) instead. Returns (incident, created).
 
     The partial unique index decides, so however many reports race, one incident is opened.
     """
@@ -104,15 +110,28 @@ def report(session: Session, incident: Incident, *, actor: uuid.UUID) -> tuple[I
             ).one_or_none()
             if existing is None:
                 continue  # resolved or cancelled meanwhile: the key is free again
-            record_event(
-                session,
-                existing,
-                "reported_again",
-                db_now(session),
-                actor=actor,
-                from_state=existing.state,
-                data={"title": incident.title, "severity": incident.severity},
+            now = db_now(session)
+            existing.report_count += 1
+            existing.last_reported_at = now
+            last_entry = session.scalar(
+                select(func.max(IncidentEvent.at)).where(
+                    IncidentEvent.incident_id == existing.id, IncidentEvent.type == "reported_again"
+                )
             )
+            if last_entry is None or now - last_entry >= REPORTED_AGAIN_EVERY:
+                record_event(
+                    session,
+                    existing,
+                    "reported_again",
+                    now,
+                    actor=actor,
+                    from_state=existing.state,
+                    data={
+                        "title": incident.title,
+                        "severity": incident.severity,
+                        "report_count": existing.report_count,
+                    },
+                )
             return existing, False
         record_event(session, incident, "created", incident.created_at, actor=actor)
         return incident, True

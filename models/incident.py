@@ -57,6 +57,11 @@ class Incident(Base):
     escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Reports of the same dedup_key while it was active, this one's first included (the timeline
+    # holds at most one 'reported_again' entry a minute: a flapping check must not grow it without
+    # bound).
+    report_count: Mapped[int] = mapped_column(server_default=text("1"), default=1)
+    last_reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         # The listing: one tenant's incidents, newest first, keyset-paginated, optionally by state.

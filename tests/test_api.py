@@ -22,6 +22,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from api.schemas import SINGLE_LINE_ERROR
+from models import engine
 from models.api_key import ApiKey, Scope, hash_key, new_key
 from models.escalation import Escalation
 from models.incident import Incident, IncidentEvent
@@ -42,6 +43,8 @@ INCIDENT_FIELDS = {
     "escalated_at",
     "resolved_at",
     "cancelled_at",
+    "report_count",
+    "last_reported_at",
 }
 ESCALATION_FIELDS = {
     "id",
@@ -441,13 +444,19 @@ def test_escalate_creates_level_1_pending_due_after_the_policy_delay(client, ten
     assert row["executed_at"] is None
     assert row["created_at"] == row["updated_at"] == escalated["escalated_at"]
     # The original path answers the same.
-    assert get(client, tenant, f"/incidents/escalations/{incident['id']}") == {"items": rows}
+    assert get(client, tenant, f"/incidents/escalations/{incident['id']}") == {
+        "items": rows,
+        "next_cursor": None,
+    }
 
 
 def test_incident_without_escalation_has_none(client, tenant):
     incident = in_state(client, tenant, "ACKNOWLEDGED")
     assert escalations(client, tenant, incident["id"]) == []
-    assert get(client, tenant, f"/incidents/escalations/{incident['id']}") == {"items": []}
+    assert get(client, tenant, f"/incidents/escalations/{incident['id']}") == {
+        "items": [],
+        "next_cursor": None,
+    }
 
 
 @pytest.mark.parametrize("action", ["acknowledge", "resolve", "cancel"])
@@ -1035,7 +1044,7 @@ def test_bad_cursor_is_422(client, tenant, cursor):
 
 
 @pytest.mark.parametrize(
-    "cursor", ["1" * 17 + "." + "0" * 32, "1." + "0" * 31, "1." + "A" * 32, "1." + "0" * 32 + "\n"]
+    "cursor", ["1" * 17 + "." + "0" * 32, "1." + "0" * 33, "1.", "1." + "A" * 32, "1." + "0" * 32 + "\n"]
 )
 def test_a_cursor_outside_its_documented_pattern_is_422(client, tenant, cursor):
     assert_error(
@@ -1431,11 +1440,45 @@ def test_dedup_key_reports_an_active_incident_again_instead_of_opening_another(c
         ("created", None, "OPEN"),
         ("reported_again", "OPEN", "OPEN"),
     ]
-    assert timeline[1]["data"] == {"title": "disk 97%", "severity": "critical"}
+    assert timeline[1]["data"] == {"title": "disk 97%", "severity": "critical", "report_count": 2}
+    assert again.json["report_count"] == 2 and again.json["last_reported_at"] == timeline[1]["at"]
     # Another key, and no key at all, open new incidents.
     other = client.post("/incidents", json={"title": "disk 91%", "dedup_key": "disk:/home"}, headers=tenant)
     plain = client.post("/incidents", json={"title": "disk 91%"}, headers=tenant)
     assert other.status_code == plain.status_code == 201
+
+
+def test_a_flapping_report_counts_every_time_and_adds_to_the_timeline_once_a_minute(
+    client, tenant, monkeypatch
+):
+    body = {"title": "flapping", "dedup_key": f"flap-{uuid.uuid4().hex[:8]}"}
+    first = client.post("/incidents", json=body, headers=tenant).json
+    for _ in range(5):
+        assert client.post("/incidents", json=body, headers=tenant).status_code == 200
+    assert get(client, tenant, f"/incidents/{first['id']}")["report_count"] == 6
+    assert [e["type"] for e in events(client, tenant, first["id"])] == ["created", "reported_again"]
+    # A minute on (the rule's interval shortened here rather than waited for): an entry again.
+    monkeypatch.setattr(engine, "REPORTED_AGAIN_EVERY", timedelta(0))
+    assert client.post("/incidents", json=body, headers=tenant).status_code == 200
+    timeline = events(client, tenant, first["id"])
+    assert [e["type"] for e in timeline] == ["created", "reported_again", "reported_again"]
+    assert timeline[-1]["data"]["report_count"] == 7
+
+
+def test_a_long_timeline_comes_in_pages_oldest_first(client, tenant, monkeypatch):
+    monkeypatch.setattr(engine, "REPORTED_AGAIN_EVERY", timedelta(0))
+    body = {"title": "chatty", "dedup_key": f"chatty-{uuid.uuid4().hex[:8]}"}
+    incident = client.post("/incidents", json=body, headers=tenant).json
+    for _ in range(104):
+        client.post("/incidents", json=body, headers=tenant)
+    first = get(client, tenant, f"/incidents/{incident['id']}/events")
+    assert len(first["items"]) == 100 and first["items"][0]["type"] == "created"
+    rest = get(client, tenant, f"/incidents/{incident['id']}/events?cursor={first['next_cursor']}")
+    assert len(rest["items"]) == 5 and rest["next_cursor"] is None
+    ids = [e["id"] for e in first["items"] + rest["items"]]
+    assert ids == sorted(ids) and len(set(ids)) == 105
+    small = get(client, tenant, f"/incidents/{incident['id']}/events?limit=2")
+    assert [e["id"] for e in small["items"]] == ids[:2]
 
 
 def test_dedup_key_is_free_again_once_the_incident_is_resolved_and_is_per_tenant(client, tenant, make_key):

@@ -163,7 +163,11 @@ def test_fifty_concurrent_reports_with_one_dedup_key_open_one_incident(base, hea
         responses = list(pool.map(report, range(N)))
     assert Counter(r.status_code for r in responses) == {201: 1, 200: N - 1}
     assert len({r.json()["id"] for r in responses}) == 1
-    timeline = requests.get(
-        f"{base}/incidents/{responses[0].json()['id']}/events", headers=headers, timeout=10
-    ).json()["items"]
-    assert Counter(e["type"] for e in timeline) == {"created": 1, "reported_again": N - 1}
+    incident_id = responses[0].json()["id"]
+    timeline = requests.get(f"{base}/incidents/{incident_id}/events", headers=headers, timeout=10).json()[
+        "items"
+    ]
+    # Every report counted (none lost to the race); the timeline says so once within the minute.
+    assert Counter(e["type"] for e in timeline) == {"created": 1, "reported_again": 1}
+    incident = requests.get(f"{base}/incidents/{incident_id}", headers=headers, timeout=10).json()
+    assert incident["report_count"] == N

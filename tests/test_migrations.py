@@ -84,14 +84,15 @@ def functions(db) -> set[str]:
 
 def test_exactly_one_head(script):
     heads = script.get_heads()
-    assert heads == ["0004"]
+    assert heads == ["0005"]
     # A straight line from base to head, each revision naming the one before.
     chain = [rev.revision for rev in script.walk_revisions("base", "heads")]
-    assert chain == ["0004", "0003", "0002", "0001"]
+    assert chain == ["0005", "0004", "0003", "0002", "0001"]
     assert script.get_revision("0001").down_revision is None
     assert script.get_revision("0002").down_revision == "0001"
     assert script.get_revision("0003").down_revision == "0002"
     assert script.get_revision("0004").down_revision == "0003"
+    assert script.get_revision("0005").down_revision == "0004"
     assert script.get_bases() == ["0001"]
 
 
@@ -121,7 +122,7 @@ def test_upgrade_head_on_an_empty_database_then_down_to_base_and_up_again(cfg, d
 
     command.upgrade(cfg, "head")
     assert tables(db) == TABLES | {"alembic_version"}
-    assert revision(db) == "0004"
+    assert revision(db) == "0005"
 
 
 def test_every_step_up_and_down(cfg, db, script):
@@ -133,6 +134,7 @@ def test_every_step_up_and_down(cfg, db, script):
         "0002": TABLES_0003,
         "0003": TABLES_0003,
         "0004": TABLES,
+        "0005": TABLES,
     }
     previous = "base"
     for rev in revisions:
@@ -143,7 +145,7 @@ def test_every_step_up_and_down(cfg, db, script):
         assert revision(db) == (None if previous == "base" else previous)
         command.upgrade(cfg, rev)
         previous = rev
-    assert revision(db) == "0004"
+    assert revision(db) == "0005"
 
 
 def test_upgrade_keeps_existing_rows(cfg, db):
@@ -170,6 +172,39 @@ def test_upgrade_keeps_existing_rows(cfg, db):
             {"eid": uuid.uuid4(), "id": incident_id},
         )
         conn.rollback()
+
+
+def test_report_counts_come_from_the_timeline_of_incidents_reported_before(cfg, db):
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "0004")
+    incident_id, quiet_id = uuid.uuid4(), uuid.uuid4()
+    with db.begin() as conn:
+        for iid in (incident_id, quiet_id):
+            conn.execute(
+                text(
+                    "INSERT INTO incidents (id, tenant, title, description, severity, state) "
+                    "VALUES (:id, 'acme', 'disk', '', 'high', 'OPEN')"
+                ),
+                {"id": iid},
+            )
+        for at in ("2026-11-01T10:00:00Z", "2026-11-01T10:00:05Z"):
+            conn.execute(
+                text(
+                    "INSERT INTO incident_events (incident_id, type, from_state, to_state, at, data) "
+                    "VALUES (:id, 'reported_again', 'OPEN', 'OPEN', :at, '{}')"
+                ),
+                {"id": incident_id, "at": at},
+            )
+    command.upgrade(cfg, "head")
+    with db.connect() as conn:
+        rows = dict(
+            (row[0], row[1:])
+            for row in conn.execute(text("SELECT id, report_count, last_reported_at FROM incidents"))
+        )
+    assert rows[incident_id][0] == 3 and rows[incident_id][1].isoformat() == "2026-11-01T10:00:05+00:00"
+    assert rows[quiet_id] == (1, None)
+    with db.connect() as conn:  # the timeline itself is as it was
+        assert conn.scalar(text("SELECT count(*) FROM incident_events")) == 2
 
 
 def test_no_drift_between_models_and_migrations(cfg, db):
