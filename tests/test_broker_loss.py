@@ -12,7 +12,7 @@ import requests
 
 from tests.conftest import insert_key
 from tests.support import processes
-from tests.support.servers import RedisServer
+from tests.support.servers import RedisServer, api_session
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -41,9 +41,7 @@ def stack(process_env, tmp_path_factory, db):
     }
     web = processes.web(env, directory, name="web-broker-loss").start()
     worker = processes.worker(env, directory, name="worker-broker-loss", beat=True).start()
-    http = requests.Session()
-    http.headers.update(insert_key(db))
-    http.base = f"http://127.0.0.1:{web.port}"
+    http = api_session(insert_key(db), f"http://127.0.0.1:{web.port}")
     yield http, server, worker
     worker.stop()
     web.stop()

@@ -8,12 +8,12 @@ import time
 import uuid
 
 import pytest
-import requests
 from standardwebhooks import Webhook
 
 from tests.conftest import RUN_ID, insert_key
 from tests.support import processes
 from tests.support.receivers import HttpReceiver, SmtpSink
+from tests.support.servers import api_session
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -71,9 +71,9 @@ def stack(migrated_database, process_env, tmp_path_factory):
     from models.db import make_engine, make_session_factory
 
     db = make_session_factory(make_engine(database_url, pool_size=2))
-    http = requests.Session()
-    http.headers.update(insert_key(db, tenant=f"notify-{uuid.uuid4().hex[:6]}"))
-    http.base = f"http://127.0.0.1:{web.port}"
+    http = api_session(
+        insert_key(db, tenant=f"notify-{uuid.uuid4().hex[:6]}"), f"http://127.0.0.1:{web.port}"
+    )
     yield Stack(http, smtp, hooks, twilio, db)
     for proc in (notifier, worker, web):
         proc.stop()

@@ -47,6 +47,18 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def api_session(headers: dict[str, str], base: str):
+    """A requests session for a test's own gunicorn: `session.base` is its URL. A connection per
+    request: gunicorn closes a kept-alive connection after 2 s idle, and a request sent on it as it
+    closes fails with RemoteDisconnected (between two tests, say), which is no fault of the API."""
+    import requests
+
+    session = requests.Session()
+    session.headers.update({**headers, "Connection": "close"})
+    session.base = base
+    return session
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
