@@ -42,7 +42,7 @@ run: migrate
 	    $(BIN)/python -m aiosmtpd -n -l $(SMTP_SINK) -c aiosmtpd.handlers.Debugging & sink=$$!; \
 	    trap 'kill $$sink 2>/dev/null' EXIT; \
 	  fi; \
-	  echo "API on http://127.0.0.1:$$PORT  Flower on http://127.0.0.1:$${FLOWER_PORT:-5555} ($$FLOWER_BASIC_AUTH)  email to $$SMTP_URL"; \
+	  echo "API on http://127.0.0.1:$$PORT  Flower on http://127.0.0.1:$${FLOWER_PORT:-5555} (user and password: FLOWER_BASIC_AUTH)  email to $$SMTP_URL"; \
 	  $(BIN)/honcho start web worker notifier beat flower
 
 # A new API key for $(TENANT) (SCOPE=read for a read-only one); the key is the last line.

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import click
 from flask import Flask
 
 from api.config import Settings
 from models.db import make_engine, make_session_factory
-from models.policy import load_policies
+from models.policy import PolicyError, load_policies
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
@@ -19,14 +20,20 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """
     import os
 
-    from api import bodies, cli, contacts, db, errors, health, incidents, notifications
+    from api import bodies, cli, contacts, db, errors, hardening, health, incidents, notifications
     from tasks.celery import celery_init_app
     from tasks.channels import ChannelSettings
 
     env = {**os.environ, **(overrides or {})}
     settings = Settings.from_env(env)
-    # An invalid policy stops the process here, naming the file and the field.
-    policies = load_policies(settings.policy_file)
+    # An invalid policy stops the process here, naming the file and the field: as a command's error
+    # (no traceback) when a command loads the app, `flask --app api policy check` among them.
+    try:
+        policies = load_policies(settings.policy_file)
+    except PolicyError as error:
+        if click.get_current_context(silent=True) is None:
+            raise
+        raise click.ClickException(str(error)) from None
 
     app = Flask("incidents")
     app.config.update(
@@ -38,7 +45,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_SWAGGER_UI_URL=hardening.SWAGGER_UI_ASSETS,
         API_SPEC_OPTIONS={
             "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
         },
@@ -53,6 +60,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
 
     api = errors.IncidentApi(app)
     errors.init_app(app, api)
+    hardening.init_app(app, settings)  # first: a plain-http request is redirected before anything
     bodies.init_app(app)
     db.init_app(app)
     api.register_blueprint(health.blp)

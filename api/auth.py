@@ -39,6 +39,8 @@ def authenticate() -> None:
             message="Invalid or revoked API key.",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
+    # The key's id, never the key, for the access log (the Procfile's %({api.key_id}e)s).
+    request.environ["api.key_id"] = str(key.id)
     if request.method not in SAFE_METHODS and key.scope is not Scope.WRITE:
         abort(403, message="This API key is read-only.")
     g.api_key = key

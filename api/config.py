@@ -47,6 +47,11 @@ class Settings:
     notify: NotifySettings = field(default_factory=NotifySettings)
     broker_url: str = "redis://127.0.0.1:6379/0"
     consumer_timeout_s: float = 1800.0
+    # Proxies in front of the web process whose X-Forwarded-* headers are believed (a PaaS router:
+    # 1). With 0, a client could name any address and scheme it likes.
+    trusted_proxies: int = 0
+    # Redirect http:// to https:// and send HSTS (behind a router that terminates TLS).
+    force_https: bool = False
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -61,6 +66,8 @@ class Settings:
             visibility_timeout_s=_float(env, "BROKER_VISIBILITY_TIMEOUT", 3600),
             broker_url=env.get("CELERY_BROKER_URL") or env.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
             consumer_timeout_s=_float(env, "BROKER_CONSUMER_TIMEOUT", 1800),
+            trusted_proxies=int(_float(env, "TRUSTED_PROXIES", 0)),
+            force_https=env.get("FORCE_HTTPS", "") == "1",
             notify=NotifySettings(
                 rates={
                     channel: _rate(env, f"NOTIFY_RATE_{channel.upper()}", default)
@@ -76,7 +83,13 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        """Refuse settings under which Redis would deliver an escalation twice or not at all."""
+        """Refuse settings under which Redis would deliver an escalation twice or not at all, or the
+        web would redirect every request for ever."""
+        if self.force_https and self.trusted_proxies < 1:
+            raise ConfigError(
+                "FORCE_HTTPS=1 needs TRUSTED_PROXIES (1 behind a PaaS router): without it every request "
+                "looks like plain http and is redirected again"
+            )
         horizon = self.engine.eta_horizon_s
         if horizon <= 0:
             raise ConfigError("ESCALATION_ETA_HORIZON must be positive")

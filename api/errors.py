@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 from flask import Flask
 from flask_smorest import Api
@@ -50,7 +51,18 @@ def init_app(app: Flask, api: IncidentApi) -> None:
             return api.handle_http_exception(error)
         if isinstance(error, DBAPIError) and error.connection_invalidated:
             return unavailable(error)
-        logger.exception("unexpected error")
+        if isinstance(error, DBAPIError):
+            # The statement and where it ran, never the server's message: Postgres quotes the values
+            # it refused (a title, a note, an address), and those are the tenants' data.
+            logger.error(
+                "unexpected database error %s (SQLSTATE %s) in: %s\n%s",
+                type(error.orig).__name__,
+                getattr(error.orig, "pgcode", None),
+                error.statement,
+                "".join(traceback.format_tb(error.__traceback__)),
+            )
+        else:
+            logger.exception("unexpected error")
         return api.handle_http_exception(InternalServerError())
 
     app.register_error_handler(OperationalError, unavailable)

@@ -197,7 +197,6 @@ def test_the_buildpack_install_runs_every_procfile_process(tmp_path):
         # Queues of their own on the shared Redis: no other test's worker takes their tasks.
         "CELERY_QUEUE": run_id,
         "CELERY_NOTIFY_QUEUE": f"{run_id}-notify",
-        "CELERY_BEAT_SCHEDULE": str(tmp_path / "celerybeat-schedule"),
     }
     commands = procfile(app / "Procfile")
     logs = tmp_path / "logs"

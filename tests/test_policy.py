@@ -3,6 +3,7 @@ file (each error naming the file and the field), the `policy check` command and 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -600,6 +601,25 @@ def test_policy_check_as_a_real_command(tmp_path):
     assert failed.returncode == 1
     assert failed.stdout == ""
     assert failed.stderr.strip() == (
+        f"Error: {bad}: policies.standard.levels[1].delay: invalid duration '15 minutes': "
+        "use a number with ms, s, m or h, e.g. '5m'"
+    )
+
+
+def test_policy_check_of_an_invalid_file_in_force_names_it_without_a_traceback(tmp_path):
+    """The app cannot start on that file, and the command says why as its own error."""
+    bad = write(tmp_path, VALID.replace("15m", "15 minutes"))
+    checked = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "api", "policy", "check"],
+        env={**os.environ, "ESCALATION_POLICY_FILE": str(bad)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
+    assert checked.returncode == 1
+    assert "Traceback" not in checked.stderr
+    assert checked.stderr.strip() == (
         f"Error: {bad}: policies.standard.levels[1].delay: invalid duration '15 minutes': "
         "use a number with ms, s, m or h, e.g. '5m'"
     )

@@ -40,14 +40,14 @@ def test_flower_refuses_to_start_without_basic_auth():
         timeout=30,
     )
     assert result.returncode != 0
-    assert "FLOWER_BASIC_AUTH" in result.stderr
+    assert "FLOWER_PASSWORD" in result.stderr and "FLOWER_BASIC_AUTH" in result.stderr
 
 
 def test_flower_starts_with_basic_auth_and_asks_for_it(worker):
     port = free_port()
     proc = subprocess.Popen(
         ["sh", "-c", procfile()["flower"]],
-        env=_env(FLOWER_BASIC_AUTH="ops:secret", FLOWER_PORT=str(port)),
+        env=_env(FLOWER_USER="ops", FLOWER_PASSWORD="secret", FLOWER_PORT=str(port)),
         cwd=PROJECT_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -61,6 +61,10 @@ def test_flower_starts_with_basic_auth_and_asks_for_it(worker):
         assert requests.get(f"{base}/", auth=("ops", "secret"), timeout=10).status_code == 200
         assert requests.get(f"{base}/api/workers", auth=("ops", "secret"), timeout=10).status_code == 200
         assert requests.get(f"{base}/healthcheck", timeout=10).text == "OK"
+        # The password is in Flower's environment (readable by its user only), not its command
+        # line (readable by every local user, and shown by ps).
+        command_line = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"flower" in command_line and b"secret" not in command_line
     finally:
         os.killpg(proc.pid, 9)
         proc.wait(10)

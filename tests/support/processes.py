@@ -153,8 +153,8 @@ def beat(env: dict[str, str], log_dir: Path, *, name: str = "beat") -> Process:
         "beat",
         "--loglevel",
         "INFO",
-        "--schedule",
-        str(log_dir / f"{name}-schedule"),
+        "--scheduler",
+        "celery.beat:Scheduler",
     ]
     return Process(name, cmd, env, log_dir / f"{name}.log", ready_text="beat: Starting")
 
