@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import click
@@ -20,7 +19,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """
     import os
 
-    from api import bodies, cli, contacts, db, errors, hardening, health, incidents, notifications
+    from api import bodies, cli, contacts, db, errors, hardening, health, incidents, logs, notifications
     from tasks.celery import celery_init_app
     from tasks.channels import ChannelSettings
 
@@ -50,7 +49,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
             "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
         },
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
 
     app.extensions["engine_settings"] = settings.engine
     app.extensions["policies"] = policies
@@ -60,6 +59,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
 
     api = errors.IncidentApi(app)
     errors.init_app(app, api)
+    logs.init_app(app)
     hardening.init_app(app, settings)  # first: a plain-http request is redirected before anything
     bodies.init_app(app)
     db.init_app(app)

@@ -55,7 +55,11 @@ class Outbox:
     publish: list[Delivery] = field(default_factory=list)
     # Contacts with notifications to deliver: each one's deliverer is woken (models/notify.py).
     wake: set[uuid.UUID] = field(default_factory=set)
-    log: list[str] = field(default_factory=list)
+    # (message, ids) to log: the ids (incident_id, escalation_id) go into a JSON line's fields.
+    log: list[tuple[str, dict[str, uuid.UUID]]] = field(default_factory=list)
+
+    def note(self, message: str, **ids: uuid.UUID) -> None:
+        self.log.append((message, ids))
 
 
 def db_now(session: Session) -> datetime:
@@ -175,9 +179,11 @@ def _schedule_level(
     session.add(escalation)
     if escalation.scheduled_at <= base + timedelta(seconds=settings.eta_horizon_s):
         _hand_over(escalation, base, outbox)
-    outbox.log.append(
+    outbox.note(
         f"[ESCALATION] Scheduled level {level} for incident {incident.id} at "
-        f"{escalation.scheduled_at.isoformat()} (escalation {escalation.id})"
+        f"{escalation.scheduled_at.isoformat()} (escalation {escalation.id})",
+        incident_id=incident.id,
+        escalation_id=escalation.id,
     )
     return escalation
 
@@ -196,8 +202,9 @@ def cancel_pending(session: Session, incident_id: uuid.UUID, now: datetime, outb
         execution_options={"synchronize_session": False},
     ).rowcount
     if cancelled:
-        outbox.log.append(
-            f"[ESCALATION] Cancelled {cancelled} pending escalation(s) for incident {incident_id}"
+        outbox.note(
+            f"[ESCALATION] Cancelled {cancelled} pending escalation(s) for incident {incident_id}",
+            incident_id=incident_id,
         )
     return cancelled
 
@@ -315,9 +322,11 @@ def execute(
         data={**escalation.as_event_data(), "lateness_ms": lateness_ms},
     )
     notify.plan_level(session, incident, escalation, now, outbox)
-    outbox.log.append(
+    outbox.note(
         f"[ESCALATION] EXECUTING level {escalation.escalation_level} for incident {incident.id} "
-        f"(escalation {escalation.id}, {lateness_ms} ms after due)"
+        f"(escalation {escalation.id}, {lateness_ms} ms after due)",
+        incident_id=incident.id,
+        escalation_id=escalation.id,
     )
     if escalation.escalation_level < len(incident.policy_levels):
         _schedule_level(session, incident, escalation.escalation_level + 1, now, settings, outbox)

@@ -6,8 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
 from flask import Flask
+
+from api import logs
 
 
 def celery_init_app(app: Flask) -> Celery:
@@ -32,6 +34,21 @@ def celery_init_app(app: Flask) -> Celery:
         app.extensions["db"].kw["bind"].dispose(close=False)
 
     worker_process_init.connect(fresh_pool, weak=False)
+
+    def keep_our_logging(**_kwargs) -> None:
+        # create_app configured logging (api/logs.py): with a receiver here, Celery configures none
+        # of its own, and its lines come out in the same format as the rest (LOG_FORMAT).
+        pass
+
+    setup_logging.connect(keep_our_logging, weak=False)
+
+    def banner_only_as_text(instance, **_kwargs) -> None:
+        # The worker's start-up banner is printed, not logged: with JSON lines it would be the only
+        # text in the stream.
+        if logs.json_lines():
+            instance.quiet = True
+
+    celeryd_after_setup.connect(banner_only_as_text, weak=False)
     app.extensions["celery"] = celery_app
     return celery_app
 

@@ -49,8 +49,8 @@ def deliver(outbox: Outbox) -> bool:
     happen, and the sweep delivers whatever could not be published here. Returns False when the
     broker refused a publish.
     """
-    for line in outbox.log:
-        logger.info(line)
+    for message, ids in outbox.log:
+        logger.info(message, extra=ids)
     if outbox.publish and _broker_resting():
         _forget_publish(outbox.publish)
         return False
@@ -100,7 +100,12 @@ def execute_escalation(self, escalation_id: str) -> str:
         )
     deliver(outbox)
     if outcome not in ("executed", "early"):
-        logger.info("[ESCALATION] escalation %s: %s, nothing to do", escalation_id, outcome)
+        logger.info(
+            "[ESCALATION] escalation %s: %s, nothing to do",
+            escalation_id,
+            outcome,
+            extra={"escalation_id": escalation_id},
+        )
     return outcome
 
 

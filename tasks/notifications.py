@@ -182,7 +182,8 @@ def _log(attempt: notify.Attempt, outcome: channels.Outcome) -> None:
     line = f"[NOTIFY] {row.channel} {row.id} to contact {row.contact_id} ({about}): {outcome.status}"
     if outcome.error:
         line += f" ({outcome.error})"
-    (logger.info if outcome.status == "sent" else logger.warning)(line)
+    ids = {"notification_id": row.id, "contact_id": row.contact_id, "incident_id": row.incident_id}
+    (logger.info if outcome.status == "sent" else logger.warning)(line, extra=ids)
 
 
 @shared_task(name="notifications.sweep")

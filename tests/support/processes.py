@@ -150,6 +150,7 @@ def beat(env: dict[str, str], log_dir: Path, *, name: str = "beat") -> Process:
         str(BIN / "celery"),
         "-A",
         "tasks.app:celery_app",
+        "--quiet",  # as the Procfile's: its banner is printed, not logged
         "beat",
         "--loglevel",
         "INFO",
@@ -181,6 +182,10 @@ def web(
         str(threads),
         "--graceful-timeout",
         "5",
+        "--access-logfile",
+        "-",
+        "--logger-class",
+        "api.logs.Gunicorn",
     ]
     return Process(name, cmd, env, log_dir / f"{name}.log", port=port)
 
