@@ -110,6 +110,9 @@ class Process:
         self.kill()
 
 
+TEST_SOFT_SHUTDOWN_S = "2"
+
+
 def worker(
     env: dict[str, str],
     log_dir: Path,
@@ -139,8 +142,10 @@ def worker(
         env["CELERY_QUEUE"],
     ]
     if beat:
-        cmd += ["--beat", "--schedule", str(log_dir / f"{name}-beat-schedule")]
-    env = {**procfile_env("worker"), **env}
+        cmd += ["--beat", "--scheduler", "celery.beat:Scheduler"]
+    # Tests stop their workers at every teardown, often with a task running: production's soft
+    # shutdown (12 s) would be waited out each time. A scenario about shutting down sets its own.
+    env = {**procfile_env("worker"), "WORKER_SOFT_SHUTDOWN_TIMEOUT": TEST_SOFT_SHUTDOWN_S, **env}
     return Process(name, cmd, env, log_dir / f"{name}.log", ready_text="ready.")
 
 
