@@ -4,6 +4,7 @@ enforced behind a router, /docs offline, and logs that name neither a key nor a 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -99,7 +100,12 @@ def test_the_access_log_has_the_client_and_the_key_id_never_the_key(
     }
     with log.open("w") as out:
         proc = subprocess.Popen(
-            ["sh", "-c", procfile()["web"]], env=env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT
+            ["sh", "-c", procfile()["web"]],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # sh may not exec gunicorn: stop the whole group
         )
     try:
         wait_until(lambda: port_open("127.0.0.1", port), 60, what="web")
@@ -111,7 +117,7 @@ def test_the_access_log_has_the_client_and_the_key_id_never_the_key(
         assert response.status_code == 200
         wait_until(lambda: "/incidents?limit=1" in log.read_text(), 10, what="the access log line")
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
     (line,) = [line for line in log.read_text().splitlines() if "/incidents?limit=1" in line]
     assert line.startswith(f"{client_address} key=")
