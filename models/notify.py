@@ -68,6 +68,11 @@ class NotifySettings:
     # Due rows nobody took for this long get their contact's deliverer woken by the sweep.
     redelivery_grace_s: float = 30.0
 
+    @property
+    def claim_lasts(self) -> timedelta:
+        """How long a claim holds its rows: one attempt, and a margin."""
+        return timedelta(seconds=self.attempt_timeout_s + self.claim_margin_s)
+
 
 @dataclass
 class Claim:
@@ -82,6 +87,8 @@ class Claim:
     # sending these. Otherwise a row committed later wakes a deliverer of its own, and one more
     # claim round would find nothing (for a contact with one message, it would cost half the work).
     more: bool = False
+    # Another deliverer holds a live claim of this contact's rows: it was at work here first.
+    busy: bool = False
 
 
 @dataclass
@@ -251,38 +258,54 @@ def queue_test(session: Session, contact: Contact, now: datetime, outbox) -> Not
     return notification
 
 
-def claim(
-    session: Session, contact_id: uuid.UUID, token: uuid.UUID, now: datetime, settings: NotifySettings
-) -> Claim:
+def claim(session: Session, contact_id: uuid.UUID, token: uuid.UUID, settings: NotifySettings) -> Claim:
     """Take the contact's due notifications for sending, within its throttle; bundle the surplus.
 
     The contact's row lock serialises claims, so two deliverers never overrun the throttle together.
     """
     # FOR NO KEY UPDATE: claims of one contact queue behind each other, but an escalation inserting
     # a notification for it (whose foreign key takes KEY SHARE on the contact) does not wait for one.
-    contact = session.scalars(
-        select(Contact).where(Contact.id == contact_id).with_for_update(key_share=True)
+    # The clock comes with the lock: read after it is granted, it is later than whatever the
+    # previous claim of this contact sent.
+    found = session.execute(
+        select(Contact, func.clock_timestamp())
+        .where(Contact.id == contact_id)
+        .with_for_update(key_share=True, of=Contact)
     ).one_or_none()
-    if contact is None:
+    if found is None:
         return Claim()
+    contact, now = found
     mine = and_(Notification.contact_id == contact_id, Notification.status == PENDING)
-    # One deliverer at a time per contact: another one's live claim means it is at work here, and it
-    # claims again when its batch is done. Otherwise a hung webhook would take every notifier process,
-    # each woken by a new level, and stall every other contact's messages.
-    busy = session.scalar(
-        select(
-            select(Notification.id)
-            .where(
-                Notification.contact_id == contact_id,
-                Notification.status == SENDING,
-                Notification.claim_token != token,
-                Notification.claimed_until > now,
-            )
-            .exists()
-        )
+    window_start = now - timedelta(seconds=settings.window_s)
+    # Messages are rows that are not digest members: a digest is one message however many it holds.
+    in_window = and_(
+        Notification.digest_id.is_(None),
+        or_(
+            and_(Notification.status == NotificationStatus.SENT, Notification.sent_at > window_start),
+            Notification.status == SENDING,
+        ),
     )
+    live_claim = and_(
+        Notification.status == SENDING, Notification.claim_token != token, Notification.claimed_until > now
+    )
+    # One round trip for what the claim weighs: another deliverer's live claim, and the messages in
+    # the throttle's window (with the oldest, which says when a full window has room again).
+    busy, used, oldest = session.execute(
+        select(
+            func.count().filter(live_claim) > 0,
+            func.count().filter(in_window),
+            func.min(Notification.sent_at).filter(in_window),
+        ).where(
+            Notification.contact_id == contact_id,
+            or_(Notification.status == SENDING, Notification.sent_at > window_start),
+        )
+    ).one()
+    # One deliverer at a time per contact: another one's live claim means it is at work here, and it
+    # claims again when its batch is done (tasks/notifications.py: it is told). Otherwise a hung
+    # webhook would take every notifier process, each woken by a new level, and stall every other
+    # contact's messages.
     if busy:
-        return Claim()
+        return Claim(busy=True)
     if contact.deleted_at is not None or not contact.enabled:
         why = "contact deleted" if contact.deleted_at is not None else "contact disabled"
         session.execute(
@@ -301,19 +324,6 @@ def claim(
     ).all()
     if not due:
         return Claim()
-    window_start = now - timedelta(seconds=settings.window_s)
-    # Messages are rows that are not digest members: a digest is one message however many it holds.
-    in_window = session.execute(
-        select(func.count(), func.min(Notification.sent_at)).where(
-            Notification.contact_id == contact_id,
-            Notification.digest_id.is_(None),
-            or_(
-                and_(Notification.status == NotificationStatus.SENT, Notification.sent_at > window_start),
-                Notification.status == SENDING,
-            ),
-        )
-    ).one()
-    used, oldest = in_window
     capacity = settings.rates.get(contact.channel, 60) - used
     if capacity <= 0:
         wake_at = (oldest + timedelta(seconds=settings.window_s)) if oldest else now + timedelta(seconds=1)
@@ -325,8 +335,7 @@ def claim(
                 .exists()
             )
         )
-        for row in due:
-            row.next_attempt_at = wake_at
+        _wait(session, due, wake_at)
         return Claim(wake_at=wake_at, wake_scheduled=scheduled)
     # The query's limit reached: rows beyond it are due too.
     truncated = len(due) == DUE_LIMIT
@@ -344,40 +353,52 @@ def claim(
             )  # fmt: skip
             session.add(digest)
             session.flush()  # the digest row first: its members' digest_id refers to it
-            for row in members:
-                row.digest_id = digest.id
-            session.flush()  # _take's UPDATE of the members must see their digest_id
+            session.execute(
+                update(Notification)
+                .where(Notification.id.in_([row.id for row in members]))
+                .values(digest_id=digest.id),
+                execution_options={"synchronize_session": False},
+            )
             chosen = [*individual[: settings.batch - 1], digest]
             more = truncated or len(individual) > len(chosen) - 1
             waiting = [row for row in due[capacity - 1 :] if row.type is not ALERT]
             if waiting:
                 wake_at = now + timedelta(seconds=settings.window_s)
-                for row in waiting:
-                    row.next_attempt_at = wake_at
+                _wait(session, waiting, wake_at)
                 return _take(session, chosen, token, now, settings, Claim(wake_at=wake_at, more=more))
             return _take(session, chosen, token, now, settings, Claim(more=more))
     # Over the throttle without a digest to make: the next round finds it full and says when.
     return _take(session, chosen, token, now, settings, Claim(more=truncated or len(due) > len(chosen)))
 
 
+def _wait(session: Session, rows: list[Notification], until: datetime) -> None:
+    """Hold rows back until the throttle's window has room again."""
+    session.execute(
+        update(Notification)
+        .where(Notification.id.in_([row.id for row in rows]))
+        .values(next_attempt_at=until),
+        execution_options={"synchronize_session": False},
+    )
+
+
 def _take(session: Session, rows: list[Notification], token, now, settings: NotifySettings, result: Claim):
-    """Mark rows SENDING for this deliverer. A claim lasts one attempt: a deliverer that dies gives its
-    rows back within seconds (the sweep), and one that is slow has the rows it has not reached taken
-    over by another (begin_send then finds the token changed and leaves them)."""
-    claimed_until = now + timedelta(seconds=settings.attempt_timeout_s + settings.claim_margin_s)
-    for row in rows:
-        row.status = SENDING
-        row.claim_token = token
-        row.claimed_until = claimed_until
-        row.updated_at = now
-        if row.type is NotificationType.DIGEST:
-            session.execute(
-                update(Notification)
-                .where(Notification.digest_id == row.id, Notification.status == PENDING)
-                .values(status=SENDING, claim_token=token, claimed_until=claimed_until, updated_at=now),
-                execution_options={"synchronize_session": False},
-            )
-    result.ids = [row.id for row in rows]
+    """Mark rows SENDING for this deliverer, in one statement (with a digest's members). A claim
+    lasts one attempt: a deliverer that dies gives its rows back within seconds (the sweep), and one
+    that is slow has the rows it has not reached taken over by another (begin_send then finds the
+    token changed and leaves them)."""
+    ids = [row.id for row in rows]
+    digests = [row.id for row in rows if row.type is NotificationType.DIGEST]
+    taken = Notification.id.in_(ids)
+    if digests:
+        taken = or_(taken, and_(Notification.digest_id.in_(digests), Notification.status == PENDING))
+    claimed_until = now + settings.claim_lasts
+    session.execute(
+        update(Notification)
+        .where(taken)
+        .values(status=SENDING, claim_token=token, claimed_until=claimed_until, updated_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    result.ids = ids
     return result
 
 
@@ -444,52 +465,53 @@ def _skip(row: Notification, why: str, now: datetime) -> None:
     row.updated_at = now
 
 
-def finish(
-    session: Session, attempt: Attempt, outcome, now: datetime, settings: NotifySettings
-) -> datetime | None:
+def finish(session: Session, attempt: Attempt, outcome, settings: NotifySettings) -> datetime | None:
     """Record one attempt's outcome (channels.Outcome): SENT, FAILED, or PENDING again for a retry.
 
     Returns when to try again, for a transient failure inside the retry period.
     """
     row = attempt.notification
-    row.attempts += 1
-    row.updated_at = now
-    row.claim_token = None
-    members = [member for member, _ in attempt.members]
-    age = (now - row.created_at).total_seconds()
+    attempts = row.attempts + 1
+    members = [member.id for member, _ in attempt.members]
     if outcome.status == "sent":
-        row.status = NotificationStatus.SENT
-        row.sent_at = now
-        row.provider_id = outcome.provider_id
-        row.last_error = None
-        for member in members:
-            member.status = NotificationStatus.BUNDLED
-            member.updated_at = now
-        _record(session, attempt, "notification_sent")
+        # Dated by the database clock when the provider has accepted, without a round trip for it.
+        sent_at = func.clock_timestamp()
+        _set(session, [row.id], status=NotificationStatus.SENT, sent_at=sent_at, updated_at=sent_at,
+             provider_id=outcome.provider_id, last_error=None, attempts=attempts,
+             claim_token=None)  # fmt: skip
+        _set(session, members, status=NotificationStatus.BUNDLED, updated_at=sent_at)
+        _record(session, attempt, "notification_sent", attempts, None)
         return None
+    now = session.scalar(select(func.clock_timestamp()))  # the backoff and the retry period's clock
+    age = (now - row.created_at).total_seconds()
     if outcome.status == "retry" and age < settings.retry_for_s:
-        backoff = min(settings.max_backoff_s, settings.first_retry_s * 2 ** (row.attempts - 1))
+        backoff = min(settings.max_backoff_s, settings.first_retry_s * 2 ** (attempts - 1))
         retry_at = now + timedelta(seconds=max(backoff, outcome.retry_after_s or 0))
-        row.status = PENDING
-        row.next_attempt_at = retry_at
-        row.last_error = outcome.error
-        for member in members:
-            member.status = PENDING
-            member.claim_token = None
+        _set(session, [row.id], status=PENDING, next_attempt_at=retry_at, last_error=outcome.error,
+             attempts=attempts, claim_token=None, updated_at=now)  # fmt: skip
+        _set(session, members, status=PENDING, claim_token=None, updated_at=now)
         return retry_at
     reason = outcome.error or "failed"
     if outcome.status == "retry":
-        reason = f"still failing after {row.attempts} attempts over {age:.0f} s: {reason}"
-    row.status = NotificationStatus.FAILED
-    row.last_error = reason
-    for member in members:
-        member.status = NotificationStatus.FAILED
-        member.last_error = f"digest {row.id} failed: {reason}"
-    _record(session, attempt, "notification_failed")
+        reason = f"still failing after {attempts} attempts over {age:.0f} s: {reason}"
+    _set(session, [row.id], status=NotificationStatus.FAILED, last_error=reason, attempts=attempts,
+         claim_token=None, updated_at=now)  # fmt: skip
+    _set(session, members, status=NotificationStatus.FAILED, last_error=f"digest {row.id} failed: {reason}",
+         updated_at=now)  # fmt: skip
+    _record(session, attempt, "notification_failed", attempts, reason)
     return None
 
 
-def _record(session: Session, attempt: Attempt, type_: str) -> None:
+def _set(session: Session, ids: list[uuid.UUID], **values) -> None:
+    """One UPDATE of the rows `ids` (nothing when there are none)."""
+    if ids:
+        session.execute(
+            update(Notification).where(Notification.id.in_(ids)).values(**values),
+            execution_options={"synchronize_session": False},
+        )
+
+
+def _record(session: Session, attempt: Attempt, type_: str, attempts: int, error: str | None) -> None:
     """The timeline entry of every incident the message was about."""
     from models.engine import record_event  # the engine imports this module
 
@@ -502,10 +524,10 @@ def _record(session: Session, attempt: Attempt, type_: str) -> None:
             "contact_id": str(row.contact_id),
             "type": row.type.value,
             "level": row.level,
-            "attempts": row.attempts,
+            "attempts": attempts,
         }
-        if row.last_error:
-            data["error"] = row.last_error
+        if error:
+            data["error"] = error
         # Dated when written, not when the attempt ended: no incident lock orders these entries, and
         # two deliverers' clocks read before their inserts came out of order (by milliseconds).
         at = func.clock_timestamp()

@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from celery import shared_task
 from flask import current_app
@@ -87,13 +87,25 @@ def _already_woken(contact_id: uuid.UUID) -> bool:
     return raised is False  # None: the broker is not Redis, and every wake-up is published
 
 
-def _clear_wake_flag(contact_id: str) -> None:
+def _clear_wake_flag(contact_id: str) -> bool:
+    """Clear the flag; True when it was set (a wake-up came since the last clear)."""
     try:
-        on_broker_redis(
-            current_app.extensions["celery"], lambda client: client.delete(_wake_flag(contact_id))
+        return bool(
+            on_broker_redis(
+                current_app.extensions["celery"], lambda client: client.delete(_wake_flag(contact_id))
+            )
         )
-    except Exception:  # noqa: BLE001, S110 - the flag expires; meanwhile the sweep wakes what waits
-        pass
+    except Exception:  # noqa: BLE001 - the flag expires; meanwhile the sweep wakes what waits
+        return False
+
+
+def _hand_to_busy_deliverer(contact_id: str, settings: notify.NotifySettings) -> None:
+    """Another deliverer is sending this contact's rows: leave what woke this one to it. The flag,
+    set again, tells it to claim once more when its batch is done (it clears the flag as it ends);
+    a deliverer at the latest moment its claim can last covers one that ended before the flag was
+    set, without waiting for the sweep."""
+    _hold_wake_flag(contact_id, datetime.now(UTC) + timedelta(seconds=WAKE_FLAG_TTL_S))
+    wake_at(uuid.UUID(contact_id), datetime.now(UTC) + settings.claim_lasts, debounce=False)
 
 
 def _hold_wake_flag(contact_id: str, until: datetime) -> None:
@@ -142,10 +154,15 @@ def deliver_notifications(contact_id: str) -> int:
     db = current_app.extensions["db"]
     token = uuid.uuid4()
     attempted = 0
+    cleared = False  # the flag was cleared at the end of the last round (and was set)
     for _ in range(MAX_ROUNDS):
-        _clear_wake_flag(contact_id)  # before the claim: see WAKE_FLAG_TTL_S
+        if not cleared:
+            _clear_wake_flag(contact_id)  # before the claim: see WAKE_FLAG_TTL_S
         with db.begin() as session:
-            claim = notify.claim(session, uuid.UUID(contact_id), token, db_now(session), settings)
+            claim = notify.claim(session, uuid.UUID(contact_id), token, settings)
+        if claim.busy:
+            _hand_to_busy_deliverer(contact_id, settings)
+            break
         for notification_id in claim.ids:
             with db.begin() as session:
                 attempt = notify.begin_send(session, notification_id, token)
@@ -153,7 +170,7 @@ def deliver_notifications(contact_id: str) -> int:
                     continue
                 # The row lock is held through the provider call: see models/notify.py.
                 outcome = channels.send(_message(attempt), provider_settings)
-                retry_at = notify.finish(session, attempt, outcome, db_now(session), settings)
+                retry_at = notify.finish(session, attempt, outcome, settings)
             attempted += 1
             _log(attempt, outcome)
             if retry_at is not None:
@@ -167,8 +184,14 @@ def deliver_notifications(contact_id: str) -> int:
             # Until then a new alert has nothing to wake: it waits for the same window.
             _hold_wake_flag(contact_id, claim.wake_at)
             break
-        if not claim.more:
-            break  # nothing left: rows that come later wake a deliverer of their own
+        if claim.more:
+            cleared = False
+            continue
+        # Nothing left, unless a deliverer woken meanwhile found this one busy and left its rows to it
+        # (or it is still on its way, and will find nothing). Rows that come later wake their own.
+        cleared = _clear_wake_flag(contact_id)
+        if not cleared:
+            break
     else:
         wake_at(uuid.UUID(contact_id))
     return attempted

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 from standardwebhooks import Webhook
 
 from tests.conftest import RUN_ID, insert_key
 from tests.support import processes
-from tests.support.receivers import HttpReceiver, SmtpSink
+from tests.support.receivers import HttpReceiver, Reply, SmtpSink
 from tests.support.servers import api_session
 from tests.support.waiting import eventually
 
@@ -39,20 +40,19 @@ policies:
 """
 
 
-@pytest.fixture(scope="module")
-def stack(migrated_database, process_env, tmp_path_factory):
-    """This module's own database, receivers, web, escalation worker (with beat) and notifier."""
-    directory = tmp_path_factory.mktemp("notify")
+@contextmanager
+def running_stack(migrated_database, process_env, directory, name: str, **settings: str):
+    """A database, receivers, web, escalation worker (with beat) and notifier of their own."""
     policy = directory / "policy.yaml"
     policy.write_text(POLICY)
     smtp, hooks, twilio = SmtpSink().start(), HttpReceiver().start(), HttpReceiver.twilio().start()
-    database_url = migrated_database("notify")
+    database_url = migrated_database(name)
     env = {
         **process_env,
         "DATABASE_URL": database_url,
         "ESCALATION_POLICY_FILE": str(policy),
-        "CELERY_QUEUE": f"test-{RUN_ID}-notify-e2e",
-        "CELERY_NOTIFY_QUEUE": f"test-{RUN_ID}-notify-e2e-send",
+        "CELERY_QUEUE": f"test-{RUN_ID}-{name}-e2e",
+        "CELERY_NOTIFY_QUEUE": f"test-{RUN_ID}-{name}-e2e-send",
         "SMTP_URL": smtp.url,
         "NOTIFY_EMAIL_FROM": "pager@example.com",
         "TWILIO_ACCOUNT_SID": "AC0123456789",
@@ -60,26 +60,35 @@ def stack(migrated_database, process_env, tmp_path_factory):
         "TWILIO_FROM": "+15005550006",
         "TWILIO_API_URL": twilio.url,
         "NOTIFY_ALLOW_PRIVATE_URLS": "1",
-        # A 4 s throttle window, so that a digest goes out within the test.
-        "NOTIFY_RATE_WINDOW": "4",
-        "NOTIFY_RATE_SMS": "3",
+        **settings,
     }
-    web = processes.web(env, directory, name="web-notify").start()
-    worker = processes.worker(env, directory, name="worker-notify", beat=True).start()
+    web = processes.web(env, directory, name=f"web-{name}").start()
+    worker = processes.worker(env, directory, name=f"worker-{name}", beat=True).start()
     notifier_env = {**env, "CELERY_QUEUE": env["CELERY_NOTIFY_QUEUE"]}
-    notifier = processes.worker(notifier_env, directory, name="notifier-notify").start()
+    notifier = processes.worker(notifier_env, directory, name=f"notifier-{name}").start()
     from models.db import make_engine, make_session_factory
 
     db = make_session_factory(make_engine(database_url, pool_size=2))
     http = api_session(
-        insert_key(db, tenant=f"notify-{uuid.uuid4().hex[:6]}"), f"http://127.0.0.1:{web.port}"
+        insert_key(db, tenant=f"{name}-{uuid.uuid4().hex[:6]}"), f"http://127.0.0.1:{web.port}"
     )
-    yield Stack(http, smtp, hooks, twilio, db)
-    for proc in (notifier, worker, web):
-        proc.stop()
-    for server in (smtp, hooks, twilio):
-        server.stop()
-    db.kw["bind"].dispose()
+    try:
+        yield Stack(http, smtp, hooks, twilio, db)
+    finally:
+        for proc in (notifier, worker, web):
+            proc.stop()
+        for server in (smtp, hooks, twilio):
+            server.stop()
+        db.kw["bind"].dispose()
+
+
+@pytest.fixture(scope="module")
+def stack(migrated_database, process_env, tmp_path_factory):
+    """This module's stack. A 4 s throttle window, so that a digest goes out within the test."""
+    directory = tmp_path_factory.mktemp("notify")
+    settings = {"NOTIFY_RATE_WINDOW": "4", "NOTIFY_RATE_SMS": "3"}
+    with running_stack(migrated_database, process_env, directory, "notify", **settings) as stack:
+        yield stack
 
 
 class Stack:
@@ -297,3 +306,24 @@ def test_a_contact_test_message_checks_the_wiring(s):
     eventually(
         lambda: any(notification["id"] in m.message["Message-ID"] for m in s.smtp.messages), timeout=20
     )
+
+
+def test_a_level_that_comes_while_its_contact_is_being_sent_to_follows_at_once(
+    migrated_database, process_env, tmp_path_factory
+):
+    """A deliverer woken for a contact whose rows another deliverer is sending leaves them to that
+    one, which claims again as it ends: the second page follows the first, not the sweep (whose
+    grace is a minute here)."""
+    directory = tmp_path_factory.mktemp("handover")
+    with running_stack(
+        migrated_database, process_env, directory, "handover", ESCALATION_REDELIVERY_GRACE="60"
+    ) as s:
+        s.hooks.default = Reply(body=lambda: time.sleep(1.5) or b"ok")  # a slow receiver
+        s.contact("webhook", f"{s.hooks.url}/hooks/slow")
+        first = s.escalating("slow_second")
+        eventually(lambda: s.hooks_about(first), timeout=10, interval=0.05)
+        second = s.escalating("slow_second")  # its level falls due while the first is being sent
+        (request,) = eventually(lambda: s.hooks_about(second), timeout=15, interval=0.1)
+        (first_request,) = s.hooks_about(first)
+        # After the first answer, not a minute later.
+        assert request.at - first_request.at < 5

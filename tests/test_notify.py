@@ -112,7 +112,7 @@ def rows(db, **where) -> list[Notification]:
 
 def claim(db, contact_id, token=None) -> notify.Claim:
     with db.begin() as session:
-        return notify.claim(session, contact_id, token or uuid.uuid4(), db_now(session), RULES)
+        return notify.claim(session, contact_id, token or uuid.uuid4(), RULES)
 
 
 def attempt(db, notification_id, token, outcome: Outcome):
@@ -121,7 +121,7 @@ def attempt(db, notification_id, token, outcome: Outcome):
         started = notify.begin_send(session, notification_id, token)
         if started is None:
             return None
-        return notify.finish(session, started, outcome, db_now(session), RULES)
+        return notify.finish(session, started, outcome, RULES)
 
 
 def transition(db, incident_id, action: Action) -> Outbox:
@@ -308,7 +308,7 @@ def test_a_resolve_waits_for_a_send_in_flight_so_nothing_arrives_after_it_commit
         provider_called.set()
         time.sleep(1.0)  # the provider takes its time; the resolve is waiting meanwhile
         accepted_at = time.monotonic()
-        notify.finish(session, started, Outcome("sent"), db_now(session), RULES)
+        notify.finish(session, started, Outcome("sent"), RULES)
     resolver.join(10)
     assert resolved_at and resolved_at[0] > accepted_at
     (row,) = rows(db, id=notification_id)
