@@ -19,7 +19,21 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """
     import os
 
-    from api import bodies, cli, contacts, db, errors, hardening, health, incidents, logs, notifications
+    from api import (
+        bodies,
+        cli,
+        contacts,
+        db,
+        errors,
+        hardening,
+        health,
+        incidents,
+        limits,
+        logs,
+        metrics,
+        notifications,
+        policies,
+    )
     from tasks.celery import celery_init_app
     from tasks.channels import ChannelSettings
 
@@ -28,7 +42,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     # An invalid policy stops the process here, naming the file and the field: as a command's error
     # (no traceback) when a command loads the app, `flask --app api policy check` among them.
     try:
-        policies = load_policies(settings.policy_file)
+        policy_file = load_policies(settings.policy_file)
     except PolicyError as error:
         if click.get_current_context(silent=True) is None:
             raise
@@ -52,22 +66,25 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     logs.configure()
 
     app.extensions["engine_settings"] = settings.engine
-    app.extensions["policies"] = policies
+    app.extensions["policies"] = policy_file
     app.extensions["channel_settings"] = ChannelSettings.from_env(env)
     app.extensions["db"] = make_session_factory(make_engine(settings.database_url))
     celery_init_app(app)
 
-    api = errors.IncidentApi(app)
+    api = errors.IncidentApi(app, spec_kwargs={"extra_plugins": [limits.TooManyRequestsDoc(app)]})
     errors.init_app(app, api)
     logs.init_app(app)
+    metrics.init_app(app, settings)  # before any hook that may answer early: every answer is counted
     hardening.init_app(app, settings)  # first: a plain-http request is redirected before anything
     bodies.init_app(app)
     db.init_app(app)
+    limits.init_app(app, settings.rate_limits)
     api.register_blueprint(health.blp)
     api.register_blueprint(incidents.blp)
     api.register_blueprint(notifications.incident_blp)
     api.register_blueprint(contacts.blp)
     api.register_blueprint(notifications.blp)
+    policies.init_app(app, api)
     # What a schema's own validator enforces beyond its fields, which apispec cannot read: a PATCH
     # must name at least one field (ContactUpdateSchema.not_empty).
     api.spec.components.schemas["ContactUpdate"]["minProperties"] = 1

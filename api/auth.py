@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from flask import g, request
+import threading
+import time
+
+from flask import current_app, g, request
 from flask_smorest import abort
 from sqlalchemy import select
 
@@ -12,28 +15,62 @@ from models.api_key import ApiKey, Scope, hash_key
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+class LiveKeyHashes:
+    """The hashes of the keys not revoked, as the database had them at most REFRESH_S ago: what
+    lets a valid key through its address's failed-authentication block, while the guesses behind
+    that block never reach the database (re-read only when asked about a hash it lacks, so at most
+    once per REFRESH_S however many guesses come)."""
+
+    REFRESH_S = 5.0
+
+    def __init__(self):
+        self._hashes: frozenset[str] = frozenset()
+        self._read_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def __contains__(self, secret_hash: str) -> bool:
+        if secret_hash in self._hashes:
+            return True
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.REFRESH_S:
+                query = select(ApiKey.secret_hash).where(ApiKey.revoked_at.is_(None))
+                self._hashes = frozenset(db_session().scalars(query))
+                self._read_at = time.monotonic()
+        return secret_hash in self._hashes
+
+
 def authenticate() -> None:
-    """before_request: set g.api_key from the Authorization header, or answer 401/403."""
+    """before_request: set g.api_key from the Authorization header, or answer 401/403; 429 past the
+    key's rate limit or its address's failed authentications (api/limits.py)."""
+    limiter = current_app.extensions["limiter"]
+    address = request.remote_addr  # the client's own behind TRUSTED_PROXIES (api/hardening.py)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        limiter.count_failure(address)
         abort(
             401,
             message="Missing API key: send 'Authorization: Bearer <key>'.",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    secret_hash = hash_key(token.strip())
+    # A blocked address's guesses are refused (429) here, before any database lookup; its valid
+    # keys go on.
+    if limiter.is_blocked(address) and secret_hash not in current_app.extensions["live_key_hashes"]:
+        limiter.count_failure(address)
     # Four columns, not the ORM object: this runs on every request (a fifth of a create's CPU).
     # Never cached: a revoked key is refused from the next request on.
     key = (
         db_session()
         .execute(
             select(ApiKey.id, ApiKey.tenant, ApiKey.scope, ApiKey.revoked_at).where(
-                ApiKey.secret_hash == hash_key(token.strip())
+                ApiKey.secret_hash == secret_hash
             )
         )
         .one_or_none()
     )
     if key is None or key.revoked_at is not None:
+        limiter.count_failure(address)
         abort(
             401,
             message="Invalid or revoked API key.",
@@ -41,6 +78,7 @@ def authenticate() -> None:
         )
     # The key's id, never the key, for the access log (the Procfile's %({api.key_id}e)s).
     request.environ["api.key_id"] = str(key.id)
+    limiter.count_request(key.id)
     if request.method not in SAFE_METHODS and key.scope is not Scope.WRITE:
         abort(403, message="This API key is read-only.")
     g.api_key = key

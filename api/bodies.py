@@ -8,6 +8,10 @@ from flask import Flask, request
 from flask_smorest import abort
 
 BODY_METHODS = ("POST", "PUT", "PATCH")
+# A policy may also come in YAML, the policy file's own notation: its view parses it with the file's
+# loader (models/policy.py), which refuses what nests too deep.
+YAML_TYPES = ("application/yaml", "text/yaml")
+YAML_ENDPOINTS = ("policies.Policy",)
 # A body with fewer opening brackets than this nests less deep than Python's recursion limit (1000)
 # allows the JSON parser, whatever the strings hold: the view's own parse is enough.
 SHALLOW = 500
@@ -22,8 +26,15 @@ def check_body() -> None:
     data = request.get_data(cache=True)  # within MAX_CONTENT_LENGTH, else a 413
     if not data:
         return
+    takes_yaml = request.endpoint in YAML_ENDPOINTS
+    if takes_yaml and request.mimetype in YAML_TYPES:
+        return
     if not request.is_json:
-        abort(415, message="The request body must be JSON (Content-Type: application/json).")
+        abort(
+            415,
+            message="The request body must be JSON (Content-Type: application/json)"
+            + (" or YAML (application/yaml, text/yaml)." if takes_yaml else "."),
+        )
     if data.count(b"[") + data.count(b"{") < SHALLOW:
         return  # cannot nest deeper than the parser recurses: no second parse on the request path
     try:

@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app api keys ...` and `flask --app api policy check`."""
+"""Operator commands: `flask --app api keys ...` and `flask --app api policy check [--tenant T]`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from flask import current_app
 from flask.cli import AppGroup
 from sqlalchemy import select
 
+from models import tenant_policy
 from models.api_key import ApiKey, Scope, hash_key, new_key
-from models.policy import PolicyError, format_duration, load_policies
+from models.policy import SEVERITIES, Policy, PolicyError, format_elapsed, load_policies
+from models.tenant_policy import TenantPolicy
 
 keys = AppGroup("keys", help="Create, list and revoke API keys.")
-policy = AppGroup("policy", help="Check escalation policy files.")
+policy = AppGroup("policy", help="Check escalation policy files (and a tenant's own policies).")
 
 
 def _max_length(limit: int, allow_blank: bool):
@@ -84,10 +86,18 @@ def revoke_key(key_id: uuid.UUID) -> None:
     click.echo(f"Revoked key {key_id}.")
 
 
+def _echo_policy(title: str, policy: Policy) -> None:
+    click.echo(f"{title}: {policy.timeline()}")
+    for number, level in enumerate(policy.levels, start=1):
+        click.echo(f"  level {number}, +{format_elapsed(level.delay_ms)}: {', '.join(level.notify) or '-'}")
+
+
 @policy.command("check")
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
-def check_policy(file: str | None) -> None:
-    """Validate a policy file (default: the one in force) and print each policy's timeline."""
+@click.option("--tenant", default=None, help="Also this tenant's own policies (from the database).")
+def check_policy(file: str | None, tenant: str | None) -> None:
+    """Validate a policy file (default: the one in force) and print each policy's timeline, and where
+    incidents that name no policy go by severity; with --tenant, as that tenant's incidents see them."""
     path = file or str(current_app.config["SETTINGS"].policy_file)
     try:
         policies = load_policies(path)
@@ -95,11 +105,21 @@ def check_policy(file: str | None) -> None:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{path}: OK, default policy {policies.default!r}")
     for name, pol in policies.policies.items():
-        click.echo(f"{name}:")
-        elapsed = 0
-        for number, level in enumerate(pol.levels, start=1):
-            elapsed += level.delay_ms
-            click.echo(
-                f"  level {number}: +{format_duration(level.delay_ms):>6} "
-                f"(at {format_duration(elapsed)} after escalation) -> {', '.join(level.notify) or '-'}"
-            )
+        _echo_policy(name, pol)
+    own: dict[str, TenantPolicy] = {}
+    if tenant is not None:
+        with current_app.extensions["db"]() as session:
+            own = {row.name: row for row in tenant_policy.current(session, tenant)}
+        click.echo(f"tenant {tenant!r}: {len(own) or 'no'} polic{'y' if len(own) == 1 else 'ies'} of its own")
+        for name, row in own.items():
+            shadows = " (shadows the file's)" if name in policies.policies else ""
+            try:
+                _echo_policy(f"{name} version {row.version}{shadows}", row.policy())
+            except PolicyError as exc:
+                raise click.ClickException(str(exc)) from None
+    for severity in SEVERITIES:
+        name = policies.name_for(None, severity)
+        notes = ["default"] if severity not in policies.severity_policies else []
+        if name in own:
+            notes.append(f"tenant's version {own[name].version}")
+        click.echo(f"severity {severity} -> {name}" + (f" ({'; '.join(notes)})" if notes else ""))

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from limits import RateLimitItem, parse
+
+from api.limits import RateLimitSettings
 from models.engine import EngineSettings
 from models.notify import DEFAULT_RATES, NotifySettings
 
@@ -26,6 +29,15 @@ def _float(env: dict, name: str, default: float) -> float:
         raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
 
 
+def _port(env: dict, name: str) -> int | None:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return None
+    if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(f"{name}: expected a TCP port number, got {raw!r}")
+    return int(raw)
+
+
 def _rate(env: dict, name: str, default: int) -> int:
     raw = env.get(name)
     if raw in (None, ""):
@@ -33,6 +45,45 @@ def _rate(env: dict, name: str, default: int) -> int:
     if not raw.strip().isdigit() or int(raw) < 1:
         raise ConfigError(f"{name}: expected a whole number of messages per minute (at least 1), got {raw!r}")
     return int(raw)
+
+
+def _count(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    if not raw.strip().isdigit():
+        raise ConfigError(f"{name}: expected a whole number (0: no limit), got {raw!r}")
+    return int(raw)
+
+
+def _limit(env: dict, name: str, default: str) -> RateLimitItem | None:
+    """A rate in the notation of the `limits` library (`1200/minute`, `20 per second`), or None
+    for `off`."""
+    raw = (env.get(name) or default).strip()
+    if raw.lower() == "off":
+        return None
+    try:
+        item = parse(raw)
+    except ValueError:
+        item = None
+    if item is None or item.amount < 1:
+        raise ConfigError(f"{name}: expected a rate such as 1200/minute, or off; got {raw!r}")
+    return item
+
+
+def _redis_options(env: dict, url: str) -> dict:
+    """redis-py's options for the rate limits' Redis: waits bounded as the broker's, and TLS checked
+    as the broker's (celeryconfig.py says how)."""
+    timeout = _float(env, "BROKER_SOCKET_TIMEOUT", 1.0)
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if url.startswith("rediss://"):
+        raw = env.get("REDIS_SSL_CERT_REQS") or "required"
+        if raw.lower() not in ("required", "optional", "none"):
+            raise ConfigError(f"REDIS_SSL_CERT_REQS: expected required, optional or none, got {raw!r}")
+        options["ssl_cert_reqs"] = raw.lower()
+        if env.get("REDIS_SSL_CA_CERTS"):
+            options["ssl_ca_certs"] = env["REDIS_SSL_CA_CERTS"]
+    return options
 
 
 @dataclass(frozen=True)
@@ -52,22 +103,38 @@ class Settings:
     trusted_proxies: int = 0
     # Redirect http:// to https:// and send HSTS (behind a router that terminates TLS).
     force_https: bool = False
+    # /metrics answers only `Authorization: Bearer <metrics_token>` when it is set.
+    metrics_token: str | None = None
+    # The worker's own process metrics are served on this port when it is set (tasks/celery.py).
+    worker_metrics_port: int | None = None
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
+        # The broker's unless CELERY_BROKER_URL names another; the rate limits' Redis either way.
+        redis_url = env.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
         settings = cls(
             database_url=env.get("DATABASE_URL", "postgresql://127.0.0.1:5432/incidents"),
             policy_file=Path(env.get("ESCALATION_POLICY_FILE") or PROJECT_ROOT / "policy.yaml"),
             engine=EngineSettings(
                 eta_horizon_s=_float(env, "ESCALATION_ETA_HORIZON", 300),
                 redelivery_grace_s=_float(env, "ESCALATION_REDELIVERY_GRACE", 30),
+                max_active_incidents=_count(env, "TENANT_MAX_ACTIVE_INCIDENTS", 10_000),
             ),
             visibility_timeout_s=_float(env, "BROKER_VISIBILITY_TIMEOUT", 3600),
-            broker_url=env.get("CELERY_BROKER_URL") or env.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+            broker_url=env.get("CELERY_BROKER_URL") or redis_url,
             consumer_timeout_s=_float(env, "BROKER_CONSUMER_TIMEOUT", 1800),
             trusted_proxies=int(_float(env, "TRUSTED_PROXIES", 0)),
             force_https=env.get("FORCE_HTTPS", "") == "1",
+            metrics_token=env.get("METRICS_TOKEN") or None,
+            worker_metrics_port=_port(env, "WORKER_METRICS_PORT"),
+            rate_limits=RateLimitSettings(
+                redis_url=redis_url,
+                redis_options=_redis_options(env, redis_url),
+                per_key=_limit(env, "RATE_LIMIT_PER_KEY", "1200/minute"),
+                failed_auth=_limit(env, "RATE_LIMIT_FAILED_AUTH", "60/minute"),
+            ),
             notify=NotifySettings(
                 rates={
                     channel: _rate(env, f"NOTIFY_RATE_{channel.upper()}", default)

@@ -23,7 +23,7 @@ from api.schemas import (
     TimelineArgsSchema,
     TransitionSchema,
 )
-from models import engine
+from models import engine, tenant_policy
 from models.engine import Outbox
 from models.escalation import Escalation
 from models.incident import Incident, IncidentEvent
@@ -68,12 +68,27 @@ class Incidents(MethodView):
     )
     def post(self, data):
         """Report an incident (state OPEN), or report an active one with the same dedup_key again."""
-        if data["policy"] is not None and data["policy"] not in current_app.extensions["policies"].policies:
-            abort(422, errors={"json": {"policy": [f"Unknown policy {data['policy']!r}."]}})
         session = db_session()
-        incident, created = engine.report(
-            session, Incident(id=uuid.uuid4(), tenant=g.api_key.tenant, **data), actor=g.api_key.id
-        )
+        policies = current_app.extensions["policies"]
+        if data["policy"] is not None and not tenant_policy.find(
+            session, policies, g.api_key.tenant, data["policy"]
+        ):
+            abort(422, errors={"json": {"policy": [f"Unknown policy {data['policy']!r}."]}})
+        quota = current_app.extensions["engine_settings"].max_active_incidents
+        try:
+            incident, created = engine.report(
+                session,
+                Incident(id=uuid.uuid4(), tenant=g.api_key.tenant, **data),
+                actor=g.api_key.id,
+                max_active=quota,
+            )
+        except engine.QuotaExceeded:
+            session.rollback()
+            abort(
+                429,
+                message=f"This tenant has {quota} active incidents, its quota (TENANT_MAX_ACTIVE_INCIDENTS): "
+                "resolve or cancel one to open another.",
+            )
         session.commit()
         return (
             incident,

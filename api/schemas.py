@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
 
 from models.contact import CONTACT_CHANNELS
-from models.incident import SEVERITIES
 from models.lifecycle import State
 from models.notification import NotificationStatus, NotificationType
+from models.policy import CHANNELS, DURATION_PATTERN, MAX_LEVELS, SEVERITIES
 
 
 class FullMatch(validate.Regexp):
@@ -66,8 +66,9 @@ class IncidentCreateSchema(Schema):
         load_default=None,
         validate=[validate.Length(min=1, max=100), *_text(single_line=True)],
         metadata={
-            "description": "Escalation policy name from policy.yaml (default policy if absent); "
-            "a name the server does not know is a 422 naming it"
+            "description": "Escalation policy name: the tenant's own (PUT /policies/{name}) or the policy "
+            "file's; if absent, the policy its severity maps to (GET /policies: severity_policies), else "
+            "the default. A name the tenant does not know is a 422 naming it"
         },
     )
 
@@ -86,6 +87,14 @@ class IncidentSchema(Schema):
     severity = fields.String(dump_only=True)
     state = fields.Enum(State, dump_only=True)
     policy = fields.String(dump_only=True, allow_none=True)
+    policy_version = fields.Integer(
+        dump_only=True,
+        allow_none=True,
+        metadata={
+            "description": "The version of the tenant's own policy it escalated by (its 'escalated' "
+            "timeline entry names the policy); null for a policy of the policy file, or before escalating"
+        },
+    )
     dedup_key = fields.String(dump_only=True, allow_none=True)
     created_at = fields.AwareDateTime(dump_only=True)
     updated_at = fields.AwareDateTime(dump_only=True)
@@ -353,6 +362,81 @@ class ReadAllSchema(Schema):
 
 class ReadAllResultSchema(Schema):
     count = fields.Integer(dump_only=True, metadata={"description": "How many entries were marked read"})
+
+
+# --- policies ----------------------------------------------------------------------------------------
+# A policy's body is parsed by models/policy.py, as the policy file is, never by these schemas (its
+# errors are the file's); they state the same rules, from the same constants, for the OpenAPI document
+# and the answers.
+
+
+class PolicyLevelSchema(Schema):
+    delay = fields.String(
+        required=True,
+        validate=FullMatch(rf"^\s*{DURATION_PATTERN}\s*$"),
+        metadata={
+            "description": "A number with ms, s, m or h: level 1's from the moment the incident starts "
+            "escalating, each later level's from the previous level's execution. Whole milliseconds and "
+            "7 days at most, or a 422 names it",
+            "example": "5m",
+        },
+    )
+    notify = fields.List(
+        fields.String(validate=validate.OneOf(CHANNELS)),
+        metadata={"description": "The channels the level notifies (default: none); repeats are dropped"},
+    )
+
+
+class PolicyBodySchema(Schema):
+    """One policy, as in the policy file: PUT /policies/{name} takes it as JSON or YAML."""
+
+    levels = fields.List(
+        fields.Nested(PolicyLevelSchema), required=True, validate=validate.Length(min=1, max=MAX_LEVELS)
+    )
+
+
+class PolicySchema(Schema):
+    name = fields.String(dump_only=True)
+    source = fields.String(
+        dump_only=True,
+        validate=validate.OneOf(("file", "tenant")),
+        metadata={"description": "file: the operator's policy file; tenant: this tenant's own"},
+    )
+    version = fields.Integer(
+        dump_only=True,
+        allow_none=True,
+        metadata={"description": "The tenant's version (null for the file's)"},
+    )
+    shadows = fields.Boolean(
+        dump_only=True,
+        metadata={"description": "The tenant's own policy takes the place of the policy file's of this name"},
+    )
+    levels = fields.List(fields.Nested(PolicyLevelSchema), dump_only=True)
+    timeline = fields.String(
+        dump_only=True,
+        metadata={
+            "description": "When each level falls due, from the moment an incident starts escalating",
+            "example": "level 1 at +5m, level 2 at +20m, level 3 at +1h20m",
+        },
+    )
+    created_at = fields.AwareDateTime(
+        dump_only=True,
+        allow_none=True,
+        metadata={"description": "When this version was stored (null for the file's)"},
+    )
+
+
+class PolicyListSchema(Schema):
+    items = fields.List(fields.Nested(PolicySchema), dump_only=True)
+    default_policy = fields.String(
+        dump_only=True, metadata={"description": "What an incident escalates by when nothing else says"}
+    )
+    severity_policies = fields.Dict(
+        keys=fields.String(validate=validate.OneOf(SEVERITIES)),
+        values=fields.String(),
+        dump_only=True,
+        metadata={"description": "The policy an incident that names none escalates by, by its severity"},
+    )
 
 
 def encode_cursor(at: datetime, item_id: uuid.UUID | int) -> str:

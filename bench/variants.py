@@ -3,7 +3,13 @@ without touching the service's code (bench/profile.py measures them side by side
 - `no_preping`: the engine without `pool_pre_ping` (one `SELECT 1` round trip per request less);
 - `no_sent_event`: Celery's `task_send_sent_event` off (one Redis PUBLISH per escalate less);
 - `both`: the two together;
-- `core_auth`: authenticate() selecting the four columns it needs as a Row, not an ORM ApiKey.
+- `core_auth`: authenticate() selecting the four columns it needs as a Row, not an ORM ApiKey;
+- `no_limits_or_metrics`: without the per-key rate limit (api/limits.py) and the request metrics'
+  hooks (api/metrics.py), which the app as is runs with (issue 12: within 10% of this).
+
+The app as is counts every request against a per-key limit too high to refuse any (the benchmark's
+environment turns the limits off, as the service's own tests do), and its metrics in multiprocess
+mode as under gunicorn (bench/profile.py sets PROMETHEUS_MULTIPROC_DIR).
 """
 
 from __future__ import annotations
@@ -15,10 +21,24 @@ def _without_preping(app):
     return app
 
 
+# Every request counted in Redis, none refused: what the limiter costs, not what it refuses.
+COUNTED_NEVER_REFUSED = {"RATE_LIMIT_PER_KEY": "1000000000/minute", "RATE_LIMIT_FAILED_AUTH": "60/minute"}
+
+
 def baseline():
     from api import create_app
 
-    return create_app()
+    return create_app(COUNTED_NEVER_REFUSED)
+
+
+def no_limits_or_metrics():
+    from api import create_app, metrics
+
+    app = create_app({"RATE_LIMIT_PER_KEY": "off", "RATE_LIMIT_FAILED_AUTH": "off"})
+    hooks = {metrics.init_app.__module__}  # the request hooks api/metrics.py registers
+    for funcs in (*app.before_request_funcs.values(), *app.after_request_funcs.values()):
+        funcs[:] = [f for f in funcs if f.__module__ not in hooks]
+    return app
 
 
 def no_preping():
@@ -72,4 +92,5 @@ VARIANTS = {
     "api, no task-sent event": no_sent_event,
     "api, both": both,
     "api, Core auth": core_auth,
+    "api, no limits or metrics": no_limits_or_metrics,
 }

@@ -6,7 +6,9 @@ from models.db import Base
 from models.escalation import Escalation, EscalationStatus
 from models.incident import Incident, IncidentEvent
 from models.lifecycle import Action, InvalidTransition, State
+from models.metrics import MetricsRollup, NotificationRollup
 from models.notification import Notification, NotificationStatus, NotificationType
+from models.tenant_policy import TenantPolicy
 
 __all__ = [
     "Action",
@@ -18,9 +20,12 @@ __all__ = [
     "Incident",
     "IncidentEvent",
     "InvalidTransition",
+    "MetricsRollup",
     "Notification",
+    "NotificationRollup",
     "NotificationStatus",
     "NotificationType",
     "Scope",
     "State",
+    "TenantPolicy",
 ]

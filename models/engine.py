@@ -17,7 +17,7 @@ from sqlalchemy import and_, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import notify
+from models import notify, tenant_policy
 from models.escalation import Escalation, EscalationStatus
 from models.incident import ACTIVE_STATES, DEDUP_INDEX, Incident, IncidentEvent
 from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, Action, State, next_state
@@ -35,6 +35,8 @@ class EngineSettings:
     # A delivered escalation still PENDING this long after it was due is taken as lost by the broker.
     redelivery_grace_s: float = 30.0
     sweep_batch: int = 500
+    # A tenant's active incidents (not resolved or cancelled) at most; 0: no quota.
+    max_active_incidents: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,21 @@ def lock_incident(session: Session, incident_id: uuid.UUID, tenant: str | None =
 REPORTED_AGAIN_EVERY = timedelta(minutes=1)
 
 
-def report(session: Session, incident: Incident, *, actor: uuid.UUID) -> tuple[Incident, bool]:
+class QuotaExceeded(Exception):
+    """The tenant has its quota of active incidents: a new one is not opened."""
+
+
+def report(
+    session: Session, incident: Incident, *, actor: uuid.UUID, max_active: int = 0
+) -> tuple[Incident, bool]:
     """Insert a new incident with its 'created' entry; or, when an active incident of the tenant has
     the same dedup_key, count the report on that one (and say so in its timeline at most once a
-    minute) instead. Returns (incident, created).
+    minute) instead. Returns (incident, created). Raises QuotaExceeded, the insert left for the
+    caller to roll back, when it would open the tenant's active incident number max_active + 1 (a
+    report counted on an existing one opens nothing, and is never refused).
 
-    The partial unique index decides, so however many reports race, one incident is opened.
+    The partial unique index decides, so however many reports race, one incident is opened. The
+    quota is counted without a lock: reports racing past it may each open one.
     """
     while True:
         try:
@@ -137,8 +148,17 @@ def report(session: Session, incident: Incident, *, actor: uuid.UUID) -> tuple[I
                     },
                 )
             return existing, False
+        if max_active and _count_active(session, incident.tenant, up_to=max_active + 1) > max_active:
+            raise QuotaExceeded
         record_event(session, incident, "created", incident.created_at, actor=actor)
         return incident, True
+
+
+def _count_active(session: Session, tenant: str, up_to: int) -> int:
+    """The tenant's active incidents, counted up to `up_to` only: a range of the (tenant, state, ...)
+    index, never longer than the quota."""
+    active = select(Incident.id).where(Incident.tenant == tenant, Incident.state.in_(ACTIVE_STATES))
+    return session.scalar(select(func.count()).select_from(active.limit(up_to).subquery()))
 
 
 def _hand_over(escalation: Escalation, now: datetime, outbox: Outbox, task_id: str | None = None):
@@ -249,17 +269,21 @@ def transition(
     current = incident.state
     target = next_state(current, action)
     notify.skip_unsent(session, incident, target)  # may wait for a send in flight: before the clock
+    if target is State.ESCALATING:
+        # Looked up before the incident changes: a query after a change would flush it early, and
+        # the incident would be written twice.
+        policy, own = tenant_policy.escalation_policy(session, policies, incident)
     now = db_now(session)
     incident.state = target
     incident.updated_at = now
     setattr(incident, STATE_TIMESTAMP[target], now)
     data: dict = {"note": note} if note else {}
     if target is State.ESCALATING:
-        # An incident whose policy has since been removed from the file still escalates, by the
-        # default policy: an escalation that silently never starts is the worst outcome.
-        policy = policies.policies.get(incident.policy) or policies.get(None)
         incident.policy_levels = [level.as_json() for level in policy.levels]
+        incident.policy_version = own.version if own else None
         data.update(policy=policy.name, levels=len(policy.levels))
+        if own:
+            data["version"] = own.version
         _schedule_level(session, incident, 1, now, settings, outbox)
     elif current is State.ESCALATING:
         data["cancelled_escalations"] = cancel_pending(session, incident.id, now, outbox)

@@ -47,6 +47,12 @@ class Escalation(Base):
             "scheduled_at",
             postgresql_where=text("status = 'PENDING'"),
         ),
+        # The metrics read the few rows executed since their rollup's watermark (models/metrics.py).
+        Index(
+            "ix_escalations_executed_at",
+            "executed_at",
+            postgresql_where=text("executed_at IS NOT NULL"),
+        ),
     )
 
     def as_event_data(self) -> dict[str, Any]:

@@ -11,12 +11,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base, JSONType
 from models.lifecycle import TERMINAL, State
+from models.policy import SEVERITIES
 
 # The states in which an incident still needs someone: a dedup key names at most one of them.
 ACTIVE_STATES = tuple(state for state in State if state not in TERMINAL)
 DEDUP_INDEX = "uq_incidents_active_dedup_key"
-
-SEVERITIES = ("critical", "high", "medium", "low")
 
 
 def _enum(enum_cls: type, name: str) -> Enum:
@@ -51,6 +50,9 @@ class Incident(Base):
     # The levels copied from the policy when escalation started: later edits of policy.yaml
     # do not change an escalation already under way.
     policy_levels: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    # The version of the tenant's own policy it escalated by (models/tenant_policy.py); None for a
+    # policy of the file, and until it escalates.
+    policy_version: Mapped[int | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

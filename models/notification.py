@@ -78,6 +78,8 @@ class Notification(Base):
         Index("ix_notifications_contact_sent_at", "contact_id", "sent_at"),
         Index("ix_notifications_incident_id", "incident_id", "created_at", "id"),
         Index("ix_notifications_digest_id", "digest_id"),
+        # The metrics read the few rows created since their rollup's watermark (models/metrics.py).
+        Index("ix_notifications_created_at", "created_at"),
         # The inbox: a tenant's in-app entries, newest first.
         Index(
             "ix_notifications_inbox",

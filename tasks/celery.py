@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
+from celery.signals import celeryd_after_setup, setup_logging, worker_init, worker_process_init
 from flask import Flask
 
 from api import logs
+
+logger = logging.getLogger("metrics")
 
 
 def celery_init_app(app: Flask) -> Celery:
@@ -49,6 +52,22 @@ def celery_init_app(app: Flask) -> Celery:
             instance.quiet = True
 
     celeryd_after_setup.connect(banner_only_as_text, weak=False)
+
+    def serve_metrics(**_kwargs) -> None:
+        # The worker's own process metrics (its main process's memory, CPU, open files), where the
+        # platform lets a port reach it. What the workers do is counted in Postgres, and served by
+        # the web's /metrics.
+        port = app.config["SETTINGS"].worker_metrics_port
+        if port is None:
+            return
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(port)
+        except OSError as exc:  # another worker on this machine has it (make run's notifier)
+            logger.warning("metrics: cannot listen on WORKER_METRICS_PORT %d (%s); serving none", port, exc)
+
+    worker_init.connect(serve_metrics, weak=False)
     app.extensions["celery"] = celery_app
     return celery_app
 

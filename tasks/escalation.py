@@ -12,7 +12,7 @@ from flask import current_app
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from models import engine
+from models import engine, metrics
 from models.engine import Outbox
 from tasks.celery import on_broker_redis
 from tasks.notifications import wake_at
@@ -144,6 +144,8 @@ def sweep_escalations() -> int:
         overdue += late
         if not deliver(outbox) or handed < settings.sweep_batch:
             break
+    with current_app.extensions["db"].begin() as session:
+        metrics.record_sweep(session, settings, handed=total, redelivered=overdue)
     if overdue:
         logger.warning("[SWEEP] re-delivered %d overdue escalation(s)", overdue)
     if total - overdue:

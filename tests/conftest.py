@@ -32,6 +32,11 @@ TEST_ENV = {
     "ESCALATION_SWEEP_INTERVAL": "1",
     "ESCALATION_REDELIVERY_GRACE": "2",
     "ESCALATION_ETA_HORIZON": "60",
+    # Tests open thousands of incidents from one address with a handful of keys, and fail to
+    # authenticate on purpose: no limit, no quota. tests/test_limits.py sets its own.
+    "RATE_LIMIT_PER_KEY": "off",
+    "RATE_LIMIT_FAILED_AUTH": "off",
+    "TENANT_MAX_ACTIVE_INCIDENTS": "0",
 }
 
 

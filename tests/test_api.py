@@ -36,6 +36,7 @@ INCIDENT_FIELDS = {
     "severity",
     "state",
     "policy",
+    "policy_version",
     "dedup_key",
     "created_at",
     "updated_at",
@@ -547,6 +548,8 @@ def test_openapi_document_describes_the_whole_api(client):
         "/notifications",
         "/notifications/{notification_id}/read",
         "/notifications/read-all",
+        "/policies",
+        "/policies/{name}",
     }
     assert set(spec["paths"]["/incidents"]) >= {"get", "post"}
     for action in ACTIONS:

@@ -5,6 +5,7 @@ models/lifecycle.py."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import pytest
@@ -43,12 +44,19 @@ def _documented_refusal(response) -> bool:
     """The refusals of requests the document allows, each stated in the document: a policy name is
     any text to the schema, and only the names the server knows are policies; a contact's address is
     checked against its channel (a deliverable email domain, a phone number its numbering plan
-    allows, a URL whose host resolves to a public address), which no schema can state."""
+    allows, a URL whose host resolves to a public address), which no schema can state; a policy's
+    delay matches its pattern, and must also be whole milliseconds and 7 days at most."""
     if response.status_code != 422:
         return False
     errors = response.json().get("errors", {}).get("json", {})
     if list(errors) == ["policy"]:
         return all(message.startswith("Unknown policy") for message in errors["policy"])
+    if errors and all(re.fullmatch(r"levels\[\d+\]\.delay", field) for field in errors):
+        return all(
+            message.endswith(("longer than 7 days", "below one millisecond"))
+            for messages in errors.values()
+            for message in messages
+        )
     return list(errors) == ["address"]
 
 

@@ -17,7 +17,9 @@ from models.db import normalize_database_url
 from tests.conftest import SERVER_URL, alembic_config
 from tests.support import servers
 
-TABLES = {"incidents", "incident_events", "api_keys", "escalations", "contacts", "notifications"}
+TABLES_0005 = {"incidents", "incident_events", "api_keys", "escalations", "contacts", "notifications"}
+TABLES_0006 = TABLES_0005 | {"metrics_rollup", "metrics_rollup_notifications"}
+TABLES = TABLES_0006 | {"tenant_policies"}
 TABLES_0003 = {"incidents", "incident_events", "api_keys", "escalations"}
 
 
@@ -84,15 +86,17 @@ def functions(db) -> set[str]:
 
 def test_exactly_one_head(script):
     heads = script.get_heads()
-    assert heads == ["0005"]
+    assert heads == ["0007"]
     # A straight line from base to head, each revision naming the one before.
     chain = [rev.revision for rev in script.walk_revisions("base", "heads")]
-    assert chain == ["0005", "0004", "0003", "0002", "0001"]
+    assert chain == ["0007", "0006", "0005", "0004", "0003", "0002", "0001"]
     assert script.get_revision("0001").down_revision is None
     assert script.get_revision("0002").down_revision == "0001"
     assert script.get_revision("0003").down_revision == "0002"
     assert script.get_revision("0004").down_revision == "0003"
     assert script.get_revision("0005").down_revision == "0004"
+    assert script.get_revision("0006").down_revision == "0005"
+    assert script.get_revision("0007").down_revision == "0006"
     assert script.get_bases() == ["0001"]
 
 
@@ -111,6 +115,8 @@ def test_upgrade_head_on_an_empty_database_then_down_to_base_and_up_again(cfg, d
         ("notifications_never_truncated", "notifications"),
         ("contacts_never_deleted", "contacts"),
         ("contacts_never_truncated", "contacts"),
+        ("tenant_policies_never_deleted", "tenant_policies"),
+        ("tenant_policies_never_truncated", "tenant_policies"),
     }
     assert functions(db) == {"forbid_change"}
 
@@ -122,7 +128,7 @@ def test_upgrade_head_on_an_empty_database_then_down_to_base_and_up_again(cfg, d
 
     command.upgrade(cfg, "head")
     assert tables(db) == TABLES | {"alembic_version"}
-    assert revision(db) == "0005"
+    assert revision(db) == "0007"
 
 
 def test_every_step_up_and_down(cfg, db, script):
@@ -133,8 +139,10 @@ def test_every_step_up_and_down(cfg, db, script):
         "0001": {"incidents", "incident_events", "api_keys"},
         "0002": TABLES_0003,
         "0003": TABLES_0003,
-        "0004": TABLES,
-        "0005": TABLES,
+        "0004": TABLES_0005,
+        "0005": TABLES_0005,
+        "0006": TABLES_0006,
+        "0007": TABLES,
     }
     previous = "base"
     for rev in revisions:
@@ -145,7 +153,7 @@ def test_every_step_up_and_down(cfg, db, script):
         assert revision(db) == (None if previous == "base" else previous)
         command.upgrade(cfg, rev)
         previous = rev
-    assert revision(db) == "0005"
+    assert revision(db) == "0007"
 
 
 def test_upgrade_keeps_existing_rows(cfg, db):
@@ -205,6 +213,76 @@ def test_report_counts_come_from_the_timeline_of_incidents_reported_before(cfg, 
     assert rows[quiet_id] == (1, None)
     with db.connect() as conn:  # the timeline itself is as it was
         assert conn.scalar(text("SELECT count(*) FROM incident_events")) == 2
+
+
+def test_the_metrics_rollup_starts_at_the_upgrade_before_any_unsent_notification(cfg, db):
+    """0006 on a database in use: nothing is folded yet, and the notifications' watermark stays before
+    the oldest one still unsent (every row before it must be final: models/metrics.py)."""
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "0005")
+    with db.begin() as conn:
+        for status, created_at in (("SENT", "2026-11-01T10:00:00Z"), ("PENDING", "2026-11-01T11:00:00Z")):
+            conn.execute(
+                text(
+                    "INSERT INTO notifications (id, tenant, channel, type, status, created_at) "
+                    "VALUES (:id, 'acme', 'in_app', 'notification.test', :status, :created_at)"
+                ),
+                {"id": uuid.uuid4(), "status": status, "created_at": created_at},
+            )
+    command.upgrade(cfg, "head")
+    with db.connect() as conn:
+        rollup = conn.execute(
+            text(
+                "SELECT notifications_before, now() - escalations_before < interval '1 minute', "
+                "lateness_counts, sweep_at, sweep_runs FROM metrics_rollup"
+            )
+        ).one()
+        assert conn.scalar(text("SELECT count(*) FROM notifications")) == 2
+    assert rollup[0].isoformat() == "2026-11-01T11:00:00+00:00"
+    assert rollup[1:] == (True, [], None, 0)
+    command.downgrade(cfg, "0005")
+    assert tables(db) == TABLES_0005 | {"alembic_version"}
+    command.upgrade(cfg, "head")
+
+
+def test_tenant_policies_arrive_without_rewriting_escalations_already_recorded(cfg, db):
+    """0007 on a database that holds escalations: every row as it was, no policy version on the
+    incidents escalated before (a policy of the file); and back down to 0006 without the new."""
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "0006")
+    incident_id, escalation_id = uuid.uuid4(), uuid.uuid4()
+    levels = '[{"delay_ms": 300000, "notify": ["email"]}]'
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO incidents (id, tenant, title, description, severity, state, policy, "
+                "policy_levels) VALUES (:id, 'acme', 'disk', '', 'critical', 'ESCALATING', 'standard', "
+                "CAST(:levels AS JSONB))"
+            ),
+            {"id": incident_id, "levels": levels},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO escalations (id, incident_id, escalation_level, status, notify, scheduled_at) "
+                "VALUES (:eid, :id, 1, 'EXECUTED', '[\"email\"]', '2026-11-01T10:05:00Z')"
+            ),
+            {"eid": escalation_id, "id": incident_id},
+        )
+        before = conn.execute(text("SELECT * FROM escalations")).all()
+    command.upgrade(cfg, "head")
+    with db.connect() as conn:
+        incident = conn.execute(
+            text("SELECT policy, policy_levels, policy_version FROM incidents WHERE id = :id"),
+            {"id": incident_id},
+        ).one()
+        assert conn.execute(text("SELECT * FROM escalations")).all() == before
+        assert conn.scalar(text("SELECT count(*) FROM tenant_policies")) == 0
+    assert incident == ("standard", [{"delay_ms": 300000, "notify": ["email"]}], None)
+    command.downgrade(cfg, "0006")
+    assert tables(db) == TABLES_0006 | {"alembic_version"}
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT * FROM escalations")).all() == before
+    command.upgrade(cfg, "head")
 
 
 def test_no_drift_between_models_and_migrations(cfg, db):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,17 @@ from models.policy import (
     MAX_FILE_BYTES,
     MAX_LEVELS,
     MAX_POLICIES,
+    SEVERITIES,
     Level,
     Policy,
     PolicyError,
     PolicySet,
     format_duration,
+    format_elapsed,
     load_policies,
     parse_duration,
     parse_policies,
+    parse_policy,
 )
 from tests.support.servers import PROJECT_ROOT
 
@@ -529,6 +533,112 @@ def test_parse_policies_names_its_source():
     assert str(info.value).startswith("from-env: policies.x.levels[0].delay: invalid duration '1y'")
 
 
+# --- severity routing ------------------------------------------------------------------------
+
+
+def test_severity_policies_route_incidents_that_name_no_policy(tmp_path):
+    path = write(tmp_path, VALID + "  quiet:\n    levels:\n      - delay: 1h\n")
+    path.write_text(path.read_text() + "severity_policies:\n  critical: standard\n  low: quiet\n")
+    policies = load_policies(path)
+    assert policies.severity_policies == {"critical": "standard", "low": "quiet"}
+    assert policies.name_for(None, "low") == "quiet"
+    assert policies.name_for(None, "critical") == "standard"
+    assert policies.name_for(None, "high") == "standard"  # unmapped: the default
+    assert policies.name_for("standard", "low") == "standard"  # a named policy wins
+
+
+def test_severity_policies_are_optional_and_may_be_empty(tmp_path):
+    assert load_policies(write(tmp_path, VALID)).severity_policies == {}
+    assert load_policies(write(tmp_path, VALID + "severity_policies: {}\n")).severity_policies == {}
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        (
+            "severity_policies: [critical]",
+            "severity_policies: expected a mapping of severities to policy names",
+        ),
+        ("severity_policies:", "severity_policies: expected a mapping of severities to policy names"),
+        (
+            "severity_policies: {urgent: standard}",
+            "severity_policies.urgent: unknown severity; known: critical, high, medium, low",
+        ),
+        (
+            "severity_policies: {Critical: standard}",
+            "severity_policies.Critical: unknown severity; known: critical, high, medium, low",
+        ),
+        (
+            "severity_policies: {critical: gold}",
+            "severity_policies.critical: 'gold' is not one of the policies (standard)",
+        ),
+        (
+            "severity_policies: {low: [standard]}",
+            "severity_policies.low: ['standard'] is not one of the policies (standard)",
+        ),
+        ("severity_policies: {low: ~}", "severity_policies.low: None is not one of the policies (standard)"),
+    ],
+)
+def test_bad_severity_policies(tmp_path, yaml_text, expected):
+    path, message = load_error(tmp_path, VALID + yaml_text + "\n")
+    assert message == f"{path}: {expected}"
+
+
+def test_severities_are_the_ones_incidents_take():
+    from api.schemas import IncidentCreateSchema
+    from models.incident import Incident
+
+    assert IncidentCreateSchema().fields["severity"].validate.choices == SEVERITIES
+    assert tuple(Incident.__table__.c.severity.type.enums) == SEVERITIES
+
+
+# --- one policy: the body PUT /policies/{name} takes; timelines --------------------------------
+
+
+def test_parse_policy_names_fields_relative_to_the_body():
+    with pytest.raises(PolicyError) as info:
+        parse_policy("p", {"levels": [{"delay": "1m"}, {"delay": "1y"}]})
+    assert (info.value.field, str(info.value)) == (
+        "levels[1].delay",
+        "levels[1].delay: invalid duration '1y': use a number with ms, s, m or h, e.g. '5m'",
+    )
+    with pytest.raises(PolicyError) as info:
+        parse_policy("p", ["levels"])
+    assert (info.value.field, info.value.reason) == (
+        "",
+        "expected a mapping with exactly one field, 'levels'",
+    )
+
+
+def test_a_policy_as_a_body_parses_back_to_itself():
+    for policy in load_policies(SHIPPED).policies.values():
+        assert parse_policy(policy.name, policy.as_body()) == policy
+    assert parse_policy("p", {"levels": [{"delay": " 90m ", "notify": ["sms", "sms"]}]}).as_body() == {
+        "levels": [{"delay": "90m", "notify": ["sms"]}]
+    }
+
+
+def test_timelines_count_from_the_start_of_the_escalation():
+    policies = load_policies(SHIPPED)
+    assert policies.get("standard").timeline() == "level 1 at +5m, level 2 at +20m, level 3 at +1h20m"
+    assert policies.get("critical").timeline() == "level 1 at +0s, level 2 at +5m, level 3 at +20m"
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [
+        (0, "0s"),
+        (1, "1ms"),
+        (1500, "1s500ms"),
+        (90_000, "1m30s"),
+        (4_800_000, "1h20m"),
+        (MAX_DELAY_MS, "168h"),
+    ],
+)
+def test_format_elapsed(ms, text):
+    assert format_elapsed(ms) == text
+
+
 # --- `flask --app api policy check [FILE]` -----------------------------------------------------
 
 
@@ -537,14 +647,18 @@ def test_policy_check_prints_each_timeline(app):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         f"{SHIPPED}: OK, default policy 'standard'",
-        "standard:",
-        "  level 1: +    5m (at 5m after escalation) -> in_app",
-        "  level 2: +   15m (at 20m after escalation) -> email",
-        "  level 3: +    1h (at 80m after escalation) -> sms",
-        "critical:",
-        "  level 1: +   0ms (at 0ms after escalation) -> in_app, sms",
-        "  level 2: +    5m (at 5m after escalation) -> sms, webhook",
-        "  level 3: +   15m (at 20m after escalation) -> sms, email, slack",
+        "standard: level 1 at +5m, level 2 at +20m, level 3 at +1h20m",
+        "  level 1, +5m: in_app",
+        "  level 2, +15m: email",
+        "  level 3, +1h: sms",
+        "critical: level 1 at +0s, level 2 at +5m, level 3 at +20m",
+        "  level 1, +0s: in_app, sms",
+        "  level 2, +5m: sms, webhook",
+        "  level 3, +15m: sms, email, slack",
+        "severity critical -> critical",
+        "severity high -> standard (default)",
+        "severity medium -> standard (default)",
+        "severity low -> standard (default)",
     ]
 
 
@@ -555,19 +669,63 @@ def test_policy_check_defaults_to_the_file_in_force(app):
     lines = result.output.splitlines()
     assert lines[0] == f"{FAST}: OK, default policy 'fast'"
     assert lines[1:5] == [
-        "fast:",
-        "  level 1: +    1s (at 1s after escalation) -> in_app, webhook",
-        "  level 2: +    1s (at 2s after escalation) -> email",
-        "  level 3: +    1s (at 3s after escalation) -> sms",
+        "fast: level 1 at +1s, level 2 at +2s, level 3 at +3s",
+        "  level 1, +1s: in_app, webhook",
+        "  level 2, +1s: email",
+        "  level 3, +1s: sms",
     ]
-    assert "single:" in lines and "  level 1: + 500ms (at 500ms after escalation) -> sms" in lines
+    assert "single: level 1 at +500ms" in lines and "  level 1, +500ms: sms" in lines
 
 
 def test_policy_check_level_without_channels(app, tmp_path):
     path = write(tmp_path, "default_policy: quiet\npolicies:\n  quiet:\n    levels:\n      - delay: 90s\n")
     result = app.test_cli_runner().invoke(args=["policy", "check", str(path)])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[-1] == "  level 1: +   90s (at 90s after escalation) -> -"
+    assert result.output.splitlines()[1:3] == ["quiet: level 1 at +1m30s", "  level 1, +1m30s: -"]
+
+
+def test_policy_check_with_a_tenant_prints_its_own_policies_and_what_they_shadow(app, tmp_path):
+    from models import tenant_policy
+
+    tenant = f"t-{uuid.uuid4().hex[:12]}"
+    with app.extensions["db"].begin() as session:
+        for name, body in (
+            (
+                "critical",
+                {"levels": [{"delay": "0s", "notify": ["sms"]}, {"delay": "2m", "notify": ["email"]}]},
+            ),
+            ("critical", {"levels": [{"delay": "1m", "notify": ["sms"]}, {"delay": "90m"}]}),
+            ("db-team", {"levels": [{"delay": "10m", "notify": ["slack"]}]}),
+        ):
+            tenant_policy.put(session, tenant, parse_policy(name, body))
+    result = app.test_cli_runner().invoke(args=["policy", "check", str(SHIPPED), "--tenant", tenant])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[9:] == [
+        f"tenant {tenant!r}: 2 policies of its own",
+        "critical version 2 (shadows the file's): level 1 at +1m, level 2 at +1h31m",
+        "  level 1, +1m: sms",
+        "  level 2, +1h30m: -",
+        "db-team version 1: level 1 at +10m",
+        "  level 1, +10m: slack",
+        "severity critical -> critical (tenant's version 2)",
+        "severity high -> standard (default)",
+        "severity medium -> standard (default)",
+        "severity low -> standard (default)",
+    ]
+    result = app.test_cli_runner().invoke(args=["policy", "check", str(SHIPPED), "--tenant", "nobody-at-all"])
+    assert result.output.splitlines()[9:11] == [
+        "tenant 'nobody-at-all': no policies of its own",
+        "severity critical -> critical",
+    ]
+
+
+def test_policy_check_names_the_field_of_a_bad_severity_map(app, tmp_path):
+    path = write(tmp_path, VALID + "severity_policies:\n  critical: gold\n")
+    result = app.test_cli_runner().invoke(args=["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {path}: severity_policies.critical: 'gold' is not one of the policies (standard)"
+    )
 
 
 def test_policy_check_fails_with_the_message_for_a_bad_file(app, tmp_path):

@@ -50,7 +50,8 @@ def tls(tmp_path_factory):
 
 
 # What a process of the service sees: /health (the database and the broker), then a key set through
-# the broker's own connection (on_broker_redis: the sweep's sentinel, the notifier's flags).
+# the broker's own connection (on_broker_redis: the sweep's sentinel, the notifier's flags), and
+# whether the rate limits' own connection to REDIS_URL answers (api/limits.py).
 PROBE = """
 import json
 import os
@@ -61,6 +62,7 @@ app = create_app()
 checks = app.test_client().get("/health").get_json()["checks"]
 if checks["broker"] == "ok":
     checks["on_broker_redis"] = on_broker_redis(app.extensions["celery"], lambda c: c.set("tls-probe", 1))
+checks["limiter"] = app.extensions["limiter"].windows.storage.check()
 print(json.dumps(checks))
 """
 
@@ -75,13 +77,14 @@ def probe(env: dict[str, str]) -> dict | str:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-CONNECTED = {"database": "ok", "broker": "ok", "on_broker_redis": True}
+CONNECTED = {"database": "ok", "broker": "ok", "on_broker_redis": True, "limiter": True}
 
 
 def test_the_redis_certificate_is_checked_as_configured(tls):
     """Unset or `required`: checked against the system's CAs and REDIS_SSL_CA_CERTS (a self-signed
     certificate is refused until trusted); `optional`: the same for a client; `none`: not checked.
     An ssl_cert_reqs in the URL wins both ways. A wrong password or an unknown setting is refused.
+    The rate limits' own connection to REDIS_URL (api/limits.py) connects or is refused alike.
     And PGSSLMODE decides for a DATABASE_URL that says no sslmode, as Heroku's."""
     certificate, server, database_url = tls
     url = server.url
@@ -125,7 +128,7 @@ def test_the_redis_certificate_is_checked_as_configured(tls):
         "none in the URL, required in the environment",
         "PGSSLMODE=require",
     }, found
-    refused = {"database": "ok", "broker": "unavailable: OperationalError"}
+    refused = {"database": "ok", "broker": "unavailable: OperationalError", "limiter": False}
     for name in ("unset", "required", "optional", "required in the URL, none in the environment"):
         assert found[name] == refused, (name, found[name])
     assert found["a wrong password"] == refused, found["a wrong password"]

@@ -330,6 +330,11 @@ class Stack:
             "ESCALATION_SWEEP_INTERVAL": f"{SWEEP_INTERVAL_S:g}",
             "ESCALATION_REDELIVERY_GRACE": f"{REDELIVERY_GRACE_S:g}",
             "ESCALATION_ETA_HORIZON": "60",
+            # The scenarios flood the API with one key from one address: what they measure is the
+            # engine under faults, not the rate limits (tests/test_limits.py) or the quota.
+            "RATE_LIMIT_PER_KEY": "off",
+            "RATE_LIMIT_FAILED_AUTH": "off",
+            "TENANT_MAX_ACTIVE_INCIDENTS": "0",
             **env,
         }
         # Watches every process from its first start; restarts only inside supervise().

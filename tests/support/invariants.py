@@ -152,8 +152,8 @@ def _load(database_url: str):
             cur.execute("SELECT now() AS now")
             now = cur.fetchone()["now"]
             cur.execute(
-                "SELECT id, state, policy, policy_levels, escalated_at, acknowledged_at, resolved_at,"
-                " cancelled_at FROM incidents"
+                "SELECT id, state, severity, policy, policy_levels, escalated_at, acknowledged_at,"
+                " resolved_at, cancelled_at FROM incidents"
             )
             incidents = cur.fetchall()
             cur.execute(
@@ -173,7 +173,8 @@ def _load(database_url: str):
 
 
 def parse_policy_file(text: str) -> dict:
-    """{'default': name, 'policies': {name: [{'delay_ms', 'notify'}, ...]}} from a policy file's text.
+    """{'default': name, 'severity_policies': {severity: name}, 'policies': {name: [{'delay_ms', 'notify'},
+    ...]}} from a policy file's text.
 
     Deliberately not models/policy.py: the checker compares what the engine stored against the file,
     so it reads the file on its own (durations: a number and ms, s, m or h)."""
@@ -188,7 +189,11 @@ def parse_policy_file(text: str) -> dict:
             delay_ms = Decimal(match.group(1)) * UNIT_MS[match.group(2)]
             levels.append({"delay_ms": int(delay_ms), "notify": list(dict.fromkeys(level.get("notify", [])))})
         policies[name] = levels
-    return {"default": data["default_policy"], "policies": policies}
+    return {
+        "default": data["default_policy"],
+        "severity_policies": data.get("severity_policies") or {},
+        "policies": policies,
+    }
 
 
 def fault_deadline(due: datetime, bound: timedelta, outages: Sequence[tuple[datetime, datetime]]) -> datetime:
@@ -343,8 +348,9 @@ def check(
 
         # -- the levels it escalates by are its policy's, as the file says ---------------------------
         if policy_file is not None:
-            name = incident["policy"] if incident["policy"] in policy_file["policies"] else None
-            name = name or policy_file["default"]
+            # The one it names, else its severity's, else the default; a named one gone: the default.
+            name = incident["policy"] or policy_file["severity_policies"].get(incident["severity"])
+            name = name if name in policy_file["policies"] else policy_file["default"]
             expected = policy_file["policies"][name]
             stored = [{"delay_ms": lv.get("delay_ms"), "notify": lv.get("notify")} for lv in levels]
             if stored != expected:

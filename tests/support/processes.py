@@ -191,6 +191,8 @@ def web(
         "-",
         "--logger-class",
         "api.logs.Gunicorn",
+        "--config",
+        "python:api.gunicorn_config",
     ]
     return Process(name, cmd, env, log_dir / f"{name}.log", port=port)
 
