@@ -57,6 +57,7 @@ def _describe(policy: Policy, own: TenantPolicy | None) -> dict[str, Any]:
         "version": own.version if own else None,
         "shadows": own is not None and policy.name in _file().policies,
         "levels": policy.as_body()["levels"],
+        "repeat": policy.repeat,
         "timeline": policy.timeline(),
         "created_at": own.created_at if own else None,
     }

@@ -11,7 +11,7 @@ from marshmallow import Schema, ValidationError, fields, pre_load, validate, val
 from models.contact import CONTACT_CHANNELS
 from models.lifecycle import State
 from models.notification import NotificationStatus, NotificationType
-from models.policy import CHANNELS, DURATION_PATTERN, MAX_LEVELS, SEVERITIES
+from models.policy import CHANNELS, DURATION_PATTERN, MAX_LEVELS, MAX_REPEAT, SEVERITIES
 
 
 class FullMatch(validate.Regexp):
@@ -158,6 +158,10 @@ class EscalationSchema(Schema):
     id = fields.UUID(dump_only=True)
     incident_id = fields.UUID(dump_only=True)
     escalation_level = fields.Integer(dump_only=True)
+    round = fields.Integer(
+        dump_only=True,
+        metadata={"description": "1, then 2, 3... each time the policy's levels start again (`repeat`)"},
+    )
     status = fields.Function(lambda e: e.status.value, dump_only=True)
     notify = fields.List(fields.String(), dump_only=True)
     scheduled_at = fields.AwareDateTime(dump_only=True)
@@ -393,6 +397,14 @@ class PolicyBodySchema(Schema):
     levels = fields.List(
         fields.Nested(PolicyLevelSchema), required=True, validate=validate.Length(min=1, max=MAX_LEVELS)
     )
+    repeat = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=0, max=MAX_REPEAT),
+        metadata={
+            "description": "After the last level, if nobody has acknowledged, start again at level 1 this "
+            "many more times (default 0)"
+        },
+    )
 
 
 class PolicySchema(Schema):
@@ -412,6 +424,7 @@ class PolicySchema(Schema):
         metadata={"description": "The tenant's own policy takes the place of the policy file's of this name"},
     )
     levels = fields.List(fields.Nested(PolicyLevelSchema), dump_only=True)
+    repeat = fields.Integer(dump_only=True, metadata={"description": "Rounds after the first (`repeat`)"})
     timeline = fields.String(
         dump_only=True,
         metadata={

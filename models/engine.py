@@ -183,13 +183,16 @@ def _schedule_level(
     base: datetime,
     settings: EngineSettings,
     outbox: Outbox,
+    round_: int = 1,
 ) -> Escalation:
-    """Insert level `level` PENDING, due its delay after `base`; hand it over if within the horizon."""
+    """Insert level `level` of round `round_` PENDING, due its delay after `base`; hand it over if
+    within the horizon."""
     spec = incident.policy_levels[level - 1]
     escalation = Escalation(
         id=uuid.uuid4(),
         incident_id=incident.id,
         escalation_level=level,
+        round=round_,
         status=PENDING,
         notify=list(spec["notify"]),
         scheduled_at=base + timedelta(milliseconds=spec["delay_ms"]),
@@ -201,7 +204,7 @@ def _schedule_level(
         _hand_over(escalation, base, outbox)
     outbox.note(
         f"[ESCALATION] Scheduled level {level} for incident {incident.id} at "
-        f"{escalation.scheduled_at.isoformat()} (escalation {escalation.id})",
+        f"{escalation.scheduled_at.isoformat()} (escalation {escalation.id}, round {round_})",
         incident_id=incident.id,
         escalation_id=escalation.id,
     )
@@ -280,8 +283,9 @@ def transition(
     data: dict = {"note": note} if note else {}
     if target is State.ESCALATING:
         incident.policy_levels = [level.as_json() for level in policy.levels]
+        incident.policy_repeat = policy.repeat
         incident.policy_version = own.version if own else None
-        data.update(policy=policy.name, levels=len(policy.levels))
+        data.update(policy=policy.name, levels=len(policy.levels), repeat=policy.repeat)
         if own:
             data["version"] = own.version
         _schedule_level(session, incident, 1, now, settings, outbox)
@@ -348,12 +352,18 @@ def execute(
     notify.plan_level(session, incident, escalation, now, outbox)
     outbox.note(
         f"[ESCALATION] EXECUTING level {escalation.escalation_level} for incident {incident.id} "
-        f"(escalation {escalation.id}, {lateness_ms} ms after due)",
+        f"(escalation {escalation.id}, round {escalation.round}, {lateness_ms} ms after due)",
         incident_id=incident.id,
         escalation_id=escalation.id,
     )
     if escalation.escalation_level < len(incident.policy_levels):
-        _schedule_level(session, incident, escalation.escalation_level + 1, now, settings, outbox)
+        next_level, next_round = escalation.escalation_level + 1, escalation.round
+    elif escalation.round <= incident.policy_repeat:
+        # The last level, and nobody has acknowledged: the chain starts again (the policy's repeat).
+        next_level, next_round = 1, escalation.round + 1
+    else:
+        return "executed"
+    _schedule_level(session, incident, next_level, now, settings, outbox, round_=next_round)
     return "executed"
 
 

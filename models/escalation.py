@@ -26,6 +26,9 @@ class Escalation(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     incident_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("incidents.id"))
     escalation_level: Mapped[int] = mapped_column(Integer)
+    # 1, then 2, 3... each time the policy's chain starts again (`repeat`): a round's levels are rows of
+    # their own.
+    round: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     status: Mapped[EscalationStatus] = mapped_column(
         _enum(EscalationStatus, "escalation_status"), default=EscalationStatus.PENDING
     )
@@ -40,7 +43,7 @@ class Escalation(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     __table_args__ = (
-        UniqueConstraint("incident_id", "escalation_level"),
+        UniqueConstraint("incident_id", "round", "escalation_level"),
         # Finding due PENDING rows stays cheap however many finished rows pile up.
         Index(
             "ix_escalations_pending_scheduled_at",
@@ -59,5 +62,6 @@ class Escalation(Base):
         return {
             "escalation_id": str(self.id),
             "escalation_level": self.escalation_level,
+            "round": self.round,
             "notify": list(self.notify),
         }

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Enum, ForeignKey, Index, String, Text, func, text
+from sqlalchemy import BigInteger, DateTime, Enum, ForeignKey, Index, Integer, String, Text, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base, JSONType
@@ -53,6 +53,8 @@ class Incident(Base):
     # The version of the tenant's own policy it escalated by (models/tenant_policy.py); None for a
     # policy of the file, and until it escalates.
     policy_version: Mapped[int | None] = mapped_column()
+    # The policy's `repeat`, copied with its levels: rounds after the first when nobody answers.
+    policy_repeat: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -22,6 +22,8 @@ MAX_FILE_BYTES = 64 * 1024
 MAX_POLICIES = 100
 MAX_LEVELS = 20  # PagerDuty and Opsgenie stop around here; more is a typo, not a policy.
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
+# Rounds after the first when nobody answers (`repeat`): ten rounds of a page is a runaway, not a plan.
+MAX_REPEAT = 9
 # The channels a level can notify: each one is delivered (tasks/channels); a name that nothing can
 # deliver is refused here, not discovered when the level fires.
 CHANNELS = ("in_app", "email", "sms", "webhook", "slack")
@@ -60,21 +62,27 @@ class Level:
 class Policy:
     name: str
     levels: tuple[Level, ...]
+    # After the last level, when the incident is still escalating (nobody acknowledged), the chain
+    # starts again at level 1 this many more times: a policy that runs out of levels never goes silent
+    # on an incident nobody answered.
+    repeat: int = 0
 
     def as_body(self) -> dict[str, Any]:
         """The policy in the file's notation, normalised: what PUT /policies/{name} takes and GET shows."""
-        return {
-            "levels": [
-                {"delay": format_duration(level.delay_ms), "notify": list(level.notify)}
-                for level in self.levels
-            ]
-        }
+        levels = [
+            {"delay": format_duration(level.delay_ms), "notify": list(level.notify)} for level in self.levels
+        ]
+        return {"levels": levels, "repeat": self.repeat} if self.repeat else {"levels": levels}
 
     def timeline(self) -> str:
-        """'level 1 at +5m, level 2 at +20m, level 3 at +1h20m': when each level falls due, counted from
-        the moment the incident starts escalating."""
-        due = accumulate(level.delay_ms for level in self.levels)
-        return ", ".join(f"level {number} at +{format_elapsed(ms)}" for number, ms in enumerate(due, start=1))
+        """'level 1 at +5m, level 2 at +20m, level 3 at +1h20m, repeat 2x -> last page at +4h': when each
+        level falls due, counted from the moment the incident starts escalating (and nobody answers)."""
+        due = list(accumulate(level.delay_ms for level in self.levels))
+        line = ", ".join(f"level {number} at +{format_elapsed(ms)}" for number, ms in enumerate(due, start=1))
+        if self.repeat:
+            # Each round starts when the previous one's last level has executed: rounds add up.
+            line += f", repeat {self.repeat}x -> last page at +{format_elapsed(due[-1] * (self.repeat + 1))}"
+        return line
 
 
 @dataclass(frozen=True)
@@ -193,8 +201,14 @@ def _parse_level(source: str, where: str, raw: Any) -> Level:
 def parse_policy(name: str, body: Any, source: str = "", where: str = "") -> Policy:
     """One policy's body, {'levels': [...]}, as in the file and in PUT /policies/{name}. `where` is the
     body's place in `source` ('policies.<name>' in a file; '' for a request's body): errors name both."""
-    if not isinstance(body, dict) or set(body) != {"levels"}:
-        raise PolicyError(source, where, "expected a mapping with exactly one field, 'levels'")
+    if not isinstance(body, dict) or "levels" not in body:
+        raise PolicyError(source, where, "expected a mapping with 'levels' (and optionally 'repeat')")
+    unknown = set(body) - {"levels", "repeat"}
+    if unknown:
+        raise PolicyError(source, where, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    repeat = body.get("repeat", 0)
+    if type(repeat) is not int or not 0 <= repeat <= MAX_REPEAT:  # bool is an int: not here
+        raise PolicyError(source, _join(where, "repeat"), f"expected a whole number from 0 to {MAX_REPEAT}")
     levels_at = _join(where, "levels")
     levels = body["levels"]
     if not isinstance(levels, list) or not levels:
@@ -204,6 +218,7 @@ def parse_policy(name: str, body: Any, source: str = "", where: str = "") -> Pol
     return Policy(
         name=name,
         levels=tuple(_parse_level(source, f"{levels_at}[{i}]", raw) for i, raw in enumerate(levels)),
+        repeat=repeat,
     )
 
 

@@ -51,6 +51,7 @@ ESCALATION_FIELDS = {
     "id",
     "incident_id",
     "escalation_level",
+    "round",
     "status",
     "notify",
     "scheduled_at",
@@ -392,7 +393,7 @@ def test_timeline_of_a_full_life(client, app, make_key):
     ]
     assert [e["data"] for e in timeline] == [
         {},
-        {"policy": "slow", "levels": 2},
+        {"policy": "slow", "levels": 2, "repeat": 0},
         {"note": "looking", "cancelled_escalations": 1},
         {"note": "fixed"},
     ]

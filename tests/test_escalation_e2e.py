@@ -7,6 +7,7 @@ that neither worker's sweep hands the other's escalations to its broker)."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -144,6 +145,54 @@ def test_levels_fire_in_order_each_within_a_second_and_the_last_ends_the_chain(h
         "escalation_executed",
         "acknowledged",
     ]
+
+
+def test_a_repeating_policy_runs_its_levels_again_round_after_round_until_its_last(http):
+    incident = create(http, policy="repeating")
+    act(http, incident["id"], "escalate")
+    rows = eventually(
+        lambda: (
+            (r := escalations(http, incident["id"]))
+            and len(r) == 6
+            and all(e["status"] == "EXECUTED" for e in r)
+            and r
+        ),
+        timeout=15,
+    )
+    assert [(e["round"], e["escalation_level"]) for e in rows] == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (2, 2),
+        (3, 1),
+        (3, 2),
+    ]
+    # Round after round, each step 300 ms after the previous one executed; nothing after the third.
+    for previous, row in zip(rows, rows[1:], strict=False):
+        gap = (ts(row["scheduled_at"]) - ts(previous["executed_at"])).total_seconds()
+        assert abs(gap - 0.3) < 0.01, (previous, row)
+    time.sleep(1)
+    assert len(escalations(http, incident["id"])) == 6
+    events = http.get(f"{http.base}/incidents/{incident['id']}/events", timeout=5).json()["items"]
+    assert events[1]["data"]["repeat"] == 2
+    executed = [e["data"] for e in events if e["type"] == "escalation_executed"]
+    assert [(d["round"], d["escalation_level"]) for d in executed] == [
+        (r["round"], r["escalation_level"]) for r in rows
+    ]
+    act(http, incident["id"], "resolve")
+
+
+@pytest.mark.parametrize("action", ["acknowledge", "resolve"])
+def test_leaving_escalating_stops_every_round(http, action):
+    incident = create(http, policy="repeating")
+    act(http, incident["id"], "escalate")
+    eventually(lambda: any(e["round"] == 2 for e in escalations(http, incident["id"])), timeout=10)
+    act(http, incident["id"], action)
+    time.sleep(2)  # past the moment the rest of round 2 and round 3 would have run
+    rows = escalations(http, incident["id"])
+    assert max(e["round"] for e in rows) == 2
+    assert [e["status"] for e in rows if e["status"] != "EXECUTED"] in (["CANCELLED"], [])
+    assert sum(e["status"] == "PENDING" for e in rows) == 0
 
 
 def wait_statuses(http, incident_id, expected: list[str], timeout: float = 10) -> list[dict]:

@@ -86,10 +86,10 @@ def functions(db) -> set[str]:
 
 def test_exactly_one_head(script):
     heads = script.get_heads()
-    assert heads == ["0007"]
+    assert heads == ["0008"]
     # A straight line from base to head, each revision naming the one before.
     chain = [rev.revision for rev in script.walk_revisions("base", "heads")]
-    assert chain == ["0007", "0006", "0005", "0004", "0003", "0002", "0001"]
+    assert chain == ["0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"]
     assert script.get_revision("0001").down_revision is None
     assert script.get_revision("0002").down_revision == "0001"
     assert script.get_revision("0003").down_revision == "0002"
@@ -97,6 +97,7 @@ def test_exactly_one_head(script):
     assert script.get_revision("0005").down_revision == "0004"
     assert script.get_revision("0006").down_revision == "0005"
     assert script.get_revision("0007").down_revision == "0006"
+    assert script.get_revision("0008").down_revision == "0007"
     assert script.get_bases() == ["0001"]
 
 
@@ -128,7 +129,7 @@ def test_upgrade_head_on_an_empty_database_then_down_to_base_and_up_again(cfg, d
 
     command.upgrade(cfg, "head")
     assert tables(db) == TABLES | {"alembic_version"}
-    assert revision(db) == "0007"
+    assert revision(db) == "0008"
 
 
 def test_every_step_up_and_down(cfg, db, script):
@@ -143,6 +144,7 @@ def test_every_step_up_and_down(cfg, db, script):
         "0005": TABLES_0005,
         "0006": TABLES_0006,
         "0007": TABLES,
+        "0008": TABLES,
     }
     previous = "base"
     for rev in revisions:
@@ -153,7 +155,7 @@ def test_every_step_up_and_down(cfg, db, script):
         assert revision(db) == (None if previous == "base" else previous)
         command.upgrade(cfg, rev)
         previous = rev
-    assert revision(db) == "0007"
+    assert revision(db) == "0008"
 
 
 def test_upgrade_keeps_existing_rows(cfg, db):
@@ -269,7 +271,7 @@ def test_tenant_policies_arrive_without_rewriting_escalations_already_recorded(c
             {"eid": escalation_id, "id": incident_id},
         )
         before = conn.execute(text("SELECT * FROM escalations")).all()
-    command.upgrade(cfg, "head")
+    command.upgrade(cfg, "0007")
     with db.connect() as conn:
         incident = conn.execute(
             text("SELECT policy, policy_levels, policy_version FROM incidents WHERE id = :id"),
@@ -282,6 +284,55 @@ def test_tenant_policies_arrive_without_rewriting_escalations_already_recorded(c
     assert tables(db) == TABLES_0006 | {"alembic_version"}
     with db.connect() as conn:
         assert conn.execute(text("SELECT * FROM escalations")).all() == before
+    command.upgrade(cfg, "head")
+
+
+def test_rounds_arrive_without_rewriting_escalations_and_a_repeated_one_is_never_downgraded_away(cfg, db):
+    """0008 on a database that holds escalations: each one of round 1, its incident repeating nothing,
+    nothing else changed; a second round of a level is then allowed, and a downgrade that would lose
+    it is refused (and, without one, the old rule comes back)."""
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "0007")
+    incident_id = uuid.uuid4()
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO incidents (id, tenant, title, description, severity, state, policy_levels) "
+                "VALUES (:id, 'acme', 'disk', '', 'high', 'ESCALATING', CAST(:levels AS JSONB))"
+            ),
+            {"id": incident_id, "levels": '[{"delay_ms": 1000, "notify": []}]'},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO escalations (id, incident_id, escalation_level, status, notify, scheduled_at) "
+                "VALUES (gen_random_uuid(), :id, 1, 'EXECUTED', '[]', '2026-11-01T10:05:00Z')"
+            ),
+            {"id": incident_id},
+        )
+        columns = "id, incident_id, escalation_level, status, notify, scheduled_at, executed_at, created_at"
+        before = conn.execute(text(f"SELECT {columns} FROM escalations")).all()
+    command.upgrade(cfg, "0008")
+    second_round = text(
+        "INSERT INTO escalations (id, incident_id, round, escalation_level, status, notify, scheduled_at) "
+        "VALUES (gen_random_uuid(), :id, 2, 1, 'PENDING', '[]', now())"
+    )
+    with db.begin() as conn:
+        assert conn.execute(text(f"SELECT {columns} FROM escalations")).all() == before
+        assert conn.execute(text("SELECT round FROM escalations")).scalars().all() == [1]
+        assert conn.scalar(text("SELECT policy_repeat FROM incidents")) == 0
+        conn.execute(second_round, {"id": incident_id})
+    with pytest.raises(RuntimeError, match="1 escalation"):
+        command.downgrade(cfg, "0007")
+    assert revision(db) == "0008"
+    # Without a second round (the row made level 2 of round 1), it goes down: the old rule is back.
+    with db.begin() as conn:
+        conn.execute(text("UPDATE escalations SET round = 1, escalation_level = 2 WHERE round = 2"))
+    command.downgrade(cfg, "0007")
+    with db.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM escalations")) == 2
+    assert "uq_escalations_incident_id_escalation_level" in {
+        u["name"] for u in inspect(db).get_unique_constraints("escalations")
+    }
     command.upgrade(cfg, "head")
 
 
@@ -314,7 +365,7 @@ def test_constraints_as_the_models_name_them(cfg, db):
     insp = inspect(db)
     assert insp.get_pk_constraint("escalations")["name"] == "pk_escalations"
     assert {u["name"]: u["column_names"] for u in insp.get_unique_constraints("escalations")} == {
-        "uq_escalations_incident_id_escalation_level": ["incident_id", "escalation_level"]
+        "uq_escalations_incident_id_round_escalation_level": ["incident_id", "round", "escalation_level"]
     }
     indexes = {i["name"]: i for i in insp.get_indexes("escalations")}
     assert indexes["ix_escalations_pending_scheduled_at"]["column_names"] == ["scheduled_at"]

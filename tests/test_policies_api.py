@@ -50,7 +50,7 @@ ONCALL_SNAPSHOT = [
     {"delay_ms": 2 * HOUR_MS, "notify": ["email", "sms"]},
     {"delay_ms": 90 * 60_000, "notify": []},
 ]
-POLICY_FIELDS = {"name", "source", "version", "shadows", "levels", "timeline", "created_at"}
+POLICY_FIELDS = {"name", "source", "version", "shadows", "levels", "repeat", "timeline", "created_at"}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,7 @@ def test_each_put_stores_the_next_version_normalised(client, tenant):
         "version": 1,
         "shadows": False,
         "levels": ONCALL_LEVELS,
+        "repeat": 0,
         "timeline": "level 1 at +2h, level 2 at +3h30m",
     }
     second = put(client, tenant.write, "oncall", {"levels": [{"delay": "30s", "notify": ["slack"]}]})
@@ -175,6 +176,7 @@ def test_the_list_holds_the_files_policies_and_the_tenants_own_by_name(client, t
         "version": None,
         "shadows": False,
         "levels": [{"delay": "90m", "notify": ["sms"]}],
+        "repeat": 0,
         "timeline": "level 1 at +1h30m",
         "created_at": None,
     }
@@ -416,7 +418,7 @@ def test_an_incident_escalates_by_the_tenants_policy_and_keeps_that_version(clie
     stored = stored_incident(client.application, incident["id"])
     assert (stored.policy_version, stored.policy_levels) == (2, ONCALL_SNAPSHOT)
     (entry,) = [e for e in events(client, tenant.read, incident["id"]) if e["type"] == "escalated"]
-    assert entry["data"] == {"policy": "oncall", "levels": 2, "version": 2}
+    assert entry["data"] == {"policy": "oncall", "levels": 2, "repeat": 0, "version": 2}
     (level_1,) = escalations(client, tenant.read, incident["id"])
     assert level_1["notify"] == ["email", "sms"]
     # Editing or deleting the policy afterwards changes nothing for it.
@@ -430,7 +432,7 @@ def test_an_incident_escalates_by_the_tenants_policy_and_keeps_that_version(clie
 
 def test_an_incident_of_a_file_policy_records_no_version(client, tenant):
     data, stored = escalate(client, tenant.write, policy="urgent")
-    assert data == {"policy": "urgent", "levels": 1}
+    assert data == {"policy": "urgent", "levels": 1, "repeat": 0}
     assert (stored.policy_version, stored.policy_levels) == (None, URGENT)
 
 
@@ -447,7 +449,7 @@ def test_an_incident_naming_no_policy_escalates_by_its_severitys_else_the_defaul
     client, tenant, severity, policy, levels
 ):
     data, stored = escalate(client, tenant.write, severity=severity)
-    assert data == {"policy": policy, "levels": len(levels)}
+    assert data == {"policy": policy, "levels": len(levels), "repeat": 0}
     assert (stored.policy, stored.policy_version, stored.policy_levels) == (None, None, levels)
 
 

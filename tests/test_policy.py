@@ -206,6 +206,7 @@ def test_fast_test_policy_file_loads():
         "slow": [3_600_000, 3_600_000],
         "single": [500],
         "held": [4000, 1000],
+        "repeating": [300, 300],
     }
     assert [lv.notify for lv in policies.get("fast").levels] == [("in_app", "webhook"), ("email",), ("sms",)]
     assert policies.get("single").levels[0].as_json() == {"delay_ms": 500, "notify": ["sms"]}
@@ -317,8 +318,24 @@ def test_unknown_top_level_fields(tmp_path):
 
 
 def test_unknown_policy_field(tmp_path):
-    path, message = load_error(tmp_path, VALID + "    repeat: 3\n")
-    assert message == f"{path}: policies.standard: expected a mapping with exactly one field, 'levels'"
+    path, message = load_error(tmp_path, VALID + "    retries: 3\n")
+    assert message == f"{path}: policies.standard: unknown field(s) retries"
+
+
+def test_repeat_runs_the_chain_again_and_the_timeline_says_when_the_last_page_goes(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(VALID + "    repeat: 2\n")
+    standard = load_policies(path).policies["standard"]
+    assert standard.repeat == 2
+    assert standard.timeline() == ("level 1 at +5m, level 2 at +20m, repeat 2x -> last page at +1h")
+    assert parse_policy("standard", standard.as_body()) == standard
+    assert "repeat" not in load_policies(SHIPPED).policies["standard"].as_body()  # 0: left out
+
+
+@pytest.mark.parametrize("value", ["-1", "10", "1.5", "true", "'2'", "[1]"])
+def test_repeat_is_a_whole_number_from_0_to_9(tmp_path, value):
+    path, message = load_error(tmp_path, VALID + f"    repeat: {value}\n")
+    assert message == f"{path}: policies.standard.repeat: expected a whole number from 0 to 9"
 
 
 def test_unknown_level_field(tmp_path):
@@ -351,7 +368,7 @@ def test_no_levels(tmp_path, levels_yaml):
 
 def test_policy_without_levels_field(tmp_path):
     path, message = load_error(tmp_path, "default_policy: standard\npolicies:\n  standard: {}\n")
-    assert message == f"{path}: policies.standard: expected a mapping with exactly one field, 'levels'"
+    assert message == f"{path}: policies.standard: expected a mapping with 'levels' (and optionally 'repeat')"
 
 
 def test_too_many_levels(tmp_path):
@@ -606,7 +623,7 @@ def test_parse_policy_names_fields_relative_to_the_body():
         parse_policy("p", ["levels"])
     assert (info.value.field, info.value.reason) == (
         "",
-        "expected a mapping with exactly one field, 'levels'",
+        "expected a mapping with 'levels' (and optionally 'repeat')",
     )
 
 
@@ -621,7 +638,9 @@ def test_a_policy_as_a_body_parses_back_to_itself():
 def test_timelines_count_from_the_start_of_the_escalation():
     policies = load_policies(SHIPPED)
     assert policies.get("standard").timeline() == "level 1 at +5m, level 2 at +20m, level 3 at +1h20m"
-    assert policies.get("critical").timeline() == "level 1 at +0s, level 2 at +5m, level 3 at +20m"
+    assert policies.get("critical").timeline() == (
+        "level 1 at +0s, level 2 at +5m, level 3 at +20m, repeat 2x -> last page at +1h"
+    )
 
 
 @pytest.mark.parametrize(
@@ -651,7 +670,7 @@ def test_policy_check_prints_each_timeline(app):
         "  level 1, +5m: in_app",
         "  level 2, +15m: email",
         "  level 3, +1h: sms",
-        "critical: level 1 at +0s, level 2 at +5m, level 3 at +20m",
+        "critical: level 1 at +0s, level 2 at +5m, level 3 at +20m, repeat 2x -> last page at +1h",
         "  level 1, +0s: in_app, sms",
         "  level 2, +5m: sms, webhook",
         "  level 3, +15m: sms, email, slack",

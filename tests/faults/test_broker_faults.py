@@ -187,6 +187,69 @@ def flushed(figures, seen: dict[str, int]) -> dict[str, int]:
     return {"queued_at_flush": seen.get("queued"), "unacked_at_flush": seen.get("unacked")}
 
 
+# Scenario 21 (issue 11): a policy that repeats, two levels a second apart and two more rounds
+# (repeat: 2): six steps an incident, the rounds going on across a FLUSHALL that comes in round 2.
+REPEAT_POLICY = """\
+default_policy: rounds
+policies:
+  rounds:
+    repeat: 2
+    levels:
+      - {delay: 1s, notify: [in_app]}
+      - {delay: 1s, notify: [in_app]}
+"""
+REPEAT_STEPS = 6
+
+
+def test_s21_repeat_rounds_across_a_redis_flushall(make_stack):
+    n = scale("s21_incidents", 80)
+    stack = make_stack(policy=REPEAT_POLICY)
+    web, worker, beat, flower = stack.web(), stack.worker(), stack.beat(), stack.flower()
+    stack.start(web, worker, beat, flower)
+    stack.client(web)
+    ids = stack.open_incidents(n)
+    assert len(ids) == n, f"only {len(ids)} of {n} incidents created and escalated with a healthy Redis"
+    seen: dict[str, int] = {}
+    started = time.monotonic()
+    with stack.supervise(), Traffic(stack.api, rate=TRAFFIC_RATE, resolvable=ids[: n // 4]) as traffic:
+        time.sleep(2.5)  # round 1 done, round 2 under way
+        # As in scenario 3: the worker frozen while levels arrive (the traffic's, and the next steps
+        # the sweep hands over), so that the flush takes messages waiting in Redis with it.
+        with stack.outage("worker frozen, redis FLUSHALL in round 2"):
+            os.killpg(worker.process.pid, signal.SIGSTOP)
+            try:
+                time.sleep(3)
+                seen["queued"], seen["unacked"] = _queued(stack), _unacked(stack)
+                client = redis.Redis.from_url(stack.redis.url)
+                client.flushall()
+                client.close()
+            finally:
+                os.killpg(worker.process.pid, signal.SIGCONT)
+        time.sleep(4)  # round 3 falls due
+    fault_s = time.monotonic() - started
+    waited = stack.settle(60)
+    redelivered, handed = stack.swept()
+    # Every held incident nobody resolved ran its six steps; a quarter were resolved along the way.
+    figures = stack.check(
+        same_pids=True, minimum={"incidents": n, "escalated": n, "executed": REPEAT_STEPS * (n - n // 4)}
+    )
+    verdict(
+        "21. repeat rounds across a Redis FLUSHALL",
+        f"{n} incidents escalating by a policy of 2 levels 1 s apart repeated twice (6 steps each); Redis "
+        f"FLUSHALL in round 2 while the worker was frozen for 3 s (SIGSTOP) and {TRAFFIC_RATE:g} "
+        "incidents/s arrived; a quarter resolved along the way",
+        figures,
+        stack=stack,
+        traffic_incidents=len(traffic.created),
+        held_resolved_during_fault=traffic.resolved_held,
+        swept_redelivered=redelivered,
+        swept_handed_over=handed,
+        fault_s=round(fault_s, 1),
+        settled_s=round(waited, 1),
+        **flushed(figures, seen),
+    )
+
+
 def test_s12_redis_restarted_with_its_data(make_stack):
     stack, ids, held = _held_stack(make_stack, durable_redis=True)
     kept: dict[str, set[bytes]] = {}

@@ -1,7 +1,8 @@
 """The invariant checker: reads `incidents`, `escalations` and `incident_events` after a scenario and
 checks, on every incident, what the product promises (issue 4):
 
-1. At most one EXECUTED escalation per (incident, level), and at most one next level per execution.
+1. At most one EXECUTED escalation per (incident, round, level), and at most one next level per
+   execution: the levels of a round in order, then (the policy's `repeat`) the next round's.
 2. Every incident still ESCALATING has all its due levels EXECUTED (none lost), within the bound.
 3. No escalation EXECUTED at or after the moment its incident left ESCALATING; every PENDING
    escalation of an incident that left ESCALATING is CANCELLED.
@@ -152,13 +153,13 @@ def _load(database_url: str):
             cur.execute("SELECT now() AS now")
             now = cur.fetchone()["now"]
             cur.execute(
-                "SELECT id, state, severity, policy, policy_levels, escalated_at, acknowledged_at,"
-                " resolved_at, cancelled_at FROM incidents"
+                "SELECT id, state, severity, policy, policy_levels, policy_repeat, escalated_at,"
+                " acknowledged_at, resolved_at, cancelled_at FROM incidents"
             )
             incidents = cur.fetchall()
             cur.execute(
-                "SELECT id, incident_id, escalation_level, status, notify, scheduled_at, executed_at,"
-                " published_at, task_id, created_at, updated_at FROM escalations"
+                "SELECT id, incident_id, round, escalation_level, status, notify, scheduled_at,"
+                " executed_at, published_at, task_id, created_at, updated_at FROM escalations"
             )
             escalations = cur.fetchall()
             cur.execute(
@@ -174,13 +175,14 @@ def _load(database_url: str):
 
 def parse_policy_file(text: str) -> dict:
     """{'default': name, 'severity_policies': {severity: name}, 'policies': {name: [{'delay_ms', 'notify'},
-    ...]}} from a policy file's text.
+    ...]}, 'repeats': {name: repeat}} from a policy file's text.
 
     Deliberately not models/policy.py: the checker compares what the engine stored against the file,
     so it reads the file on its own (durations: a number and ms, s, m or h)."""
     data = yaml.safe_load(text)
-    policies = {}
+    policies, repeats = {}, {}
     for name, body in data["policies"].items():
+        repeats[name] = int(body.get("repeat", 0))
         levels = []
         for level in body["levels"]:
             match = DURATION.match(str(level["delay"]).strip())
@@ -193,6 +195,7 @@ def parse_policy_file(text: str) -> dict:
         "default": data["default_policy"],
         "severity_policies": data.get("severity_policies") or {},
         "policies": policies,
+        "repeats": repeats,
     }
 
 
@@ -277,7 +280,8 @@ def check(
         iid = incident["id"]
         state = State(incident["state"])
         evs = by_incident_ev.get(iid, [])
-        escs = sorted(by_incident_esc.get(iid, []), key=lambda r: r["escalation_level"])
+        # The chain in the order it runs: a round's levels, then the next round's.
+        escs = sorted(by_incident_esc.get(iid, []), key=lambda r: (r["round"], r["escalation_level"]))
 
         # -- 4. the timeline is a valid path, one event per transition, no gaps ------------------
         transitions = [e for e in evs if e["type"] in TRANSITION_TYPES]
@@ -343,6 +347,8 @@ def check(
             continue
         fig.escalated += 1
         levels = incident["policy_levels"] or []
+        # Every step the chain may take: each level of each round (the policy's repeat, snapshotted).
+        chain = [(r, lv) for r in range(1, incident["policy_repeat"] + 2) for lv in range(1, len(levels) + 1)]
         start = escalated["at"]
         left_at = left["at"] if left else None
 
@@ -357,6 +363,11 @@ def check(
                 fig.violate(
                     f"[1] incident {iid}: stored levels {stored} but policy {name} in the file is {expected}"
                 )
+            if incident["policy_repeat"] != policy_file["repeats"][name]:
+                fig.violate(
+                    f"[1] incident {iid}: stored repeat {incident['policy_repeat']} but policy {name} in "
+                    f"the file repeats {policy_file['repeats'][name]}"
+                )
             said = escalated["data"] or {}
             if said.get("policy") != name or said.get("levels") != len(expected):
                 fig.violate(f"[4] incident {iid}: escalated event says {said}, the file's policy is {name}")
@@ -370,11 +381,13 @@ def check(
 
         # -- 1. exactly one execution per EXECUTED level; each level created by the previous one -----
         runs = Counter(e["data"].get("escalation_id") for e in executed_events)
-        level_numbers = [e["escalation_level"] for e in escs]
-        if level_numbers != list(range(1, len(escs) + 1)):
-            fig.violate(f"[1] incident {iid}: levels {level_numbers} are not 1..n")
-        if len(escs) > len(levels):
-            fig.violate(f"[1] incident {iid}: {len(escs)} levels but its policy has {len(levels)}")
+        steps = [(e["round"], e["escalation_level"]) for e in escs]
+        if steps != chain[: len(escs)]:
+            fig.violate(f"[1] incident {iid}: (round, level)s {steps} are not the chain {chain[: len(escs)]}")
+        if len(escs) > len(chain):
+            fig.violate(
+                f"[1] incident {iid}: {len(escs)} escalations but its policy's chain has {len(chain)}"
+            )
         for index, esc in enumerate(escs):
             eid = str(esc["id"])
             status = esc["status"]
@@ -387,14 +400,14 @@ def check(
                 fig.violate(f"[1] escalation {eid} (incident {iid}) executed {n_runs} times")
             if (status == "EXECUTED") != (n_runs >= 1):
                 fig.violate(f"[1] escalation {eid} is {status} but has {n_runs} execution event(s)")
-            # Who created it: the escalation (level 1) or the previous level's execution.
+            # Who created it: the escalation (round 1, level 1) or the previous step's execution.
             base = start if index == 0 else escs[index - 1]["executed_at"]
             if index > 0 and escs[index - 1]["status"] != "EXECUTED":
                 fig.violate(
-                    f"[1] escalation {eid}: level {index + 1} exists but level {index} is not EXECUTED"
+                    f"[1] escalation {eid}: step {steps[index]} exists but {steps[index - 1]} is not EXECUTED"
                 )
-            elif base is not None and index < len(levels):
-                expected_due = base + timedelta(milliseconds=levels[index]["delay_ms"])
+            elif base is not None and index < len(chain) and levels:
+                expected_due = base + timedelta(milliseconds=levels[index % len(levels)]["delay_ms"])
                 if (
                     abs(esc["created_at"] - base) > EPSILON
                     or abs(esc["scheduled_at"] - expected_due) > EPSILON
@@ -440,10 +453,10 @@ def check(
             fig.lost += 1
             fig.violate(f"[2] incident {iid} escalated at {start} but has no escalation at all")
             continue
-        if last["status"] == "EXECUTED" and len(escs) < len(levels):
-            # The execution commits the next level in its own transaction: it cannot be missing.
+        if last["status"] == "EXECUTED" and len(escs) < len(chain):
+            # The execution commits the next step in its own transaction: it cannot be missing.
             fig.lost += 1
-            fig.violate(f"[1] incident {iid}: level {len(escs)} EXECUTED but level {len(escs) + 1} missing")
+            fig.violate(f"[1] incident {iid}: {steps[-1]} EXECUTED but {chain[len(escs)]} missing")
         if state is State.ESCALATING:
             for esc in escs:
                 if esc["status"] == "CANCELLED":
