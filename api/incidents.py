@@ -27,7 +27,7 @@ from models import engine, tenant_policy
 from models.engine import Outbox
 from models.escalation import Escalation
 from models.incident import Incident, IncidentEvent
-from models.lifecycle import Action, InvalidTransition
+from models.lifecycle import CLIENT_ACTIONS, Action, InvalidTransition
 from tasks.escalation import deliver
 
 blp = Blueprint("incidents", __name__, url_prefix="/incidents", description="Incidents and their escalations")
@@ -134,7 +134,7 @@ def _transition_view(action: Action):
     return view
 
 
-for _action in Action:
+for _action in CLIENT_ACTIONS:
     blp.route(f"/<uuid:incident_id>/{_action.value}", methods=["POST"])(
         blp.arguments(TransitionSchema, required=False)(
             blp.response(200, IncidentSchema)(_transition_view(_action))

@@ -58,6 +58,7 @@ def _describe(policy: Policy, own: TenantPolicy | None) -> dict[str, Any]:
         "shadows": own is not None and policy.name in _file().policies,
         "levels": policy.as_body()["levels"],
         "repeat": policy.repeat,
+        "ack_timeout": policy.as_body().get("ack_timeout"),
         "timeline": policy.timeline(),
         "created_at": own.created_at if own else None,
     }

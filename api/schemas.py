@@ -162,6 +162,15 @@ class EscalationSchema(Schema):
         dump_only=True,
         metadata={"description": "1, then 2, 3... each time the policy's levels start again (`repeat`)"},
     )
+    kind = fields.Function(
+        lambda e: e.kind.value,
+        dump_only=True,
+        metadata={
+            "description": "level: a level of the chain; ack_timeout: an acknowledgement's timer (due "
+            "when it runs out, it escalates the incident again and executes its level)",
+            "enum": ["level", "ack_timeout"],
+        },
+    )
     status = fields.Function(lambda e: e.status.value, dump_only=True)
     notify = fields.List(fields.String(), dump_only=True)
     scheduled_at = fields.AwareDateTime(dump_only=True)
@@ -405,6 +414,15 @@ class PolicyBodySchema(Schema):
             "many more times (default 0)"
         },
     )
+    ack_timeout = fields.String(
+        validate=FullMatch(rf"^\s*{DURATION_PATTERN}\s*$"),
+        metadata={
+            "description": "An incident acknowledged while escalating and neither resolved nor cancelled "
+            "within this escalates again, from the level last executed (default: never). Whole "
+            "milliseconds, 1s at least and 7 days at most, or a 422 names it",
+            "example": "30m",
+        },
+    )
 
 
 class PolicySchema(Schema):
@@ -425,6 +443,11 @@ class PolicySchema(Schema):
     )
     levels = fields.List(fields.Nested(PolicyLevelSchema), dump_only=True)
     repeat = fields.Integer(dump_only=True, metadata={"description": "Rounds after the first (`repeat`)"})
+    ack_timeout = fields.String(
+        dump_only=True,
+        allow_none=True,
+        metadata={"description": "The acknowledgement's timeout (`ack_timeout`)"},
+    )
     timeline = fields.String(
         dump_only=True,
         metadata={

@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import notify, tenant_policy
-from models.escalation import Escalation, EscalationStatus
+from models.escalation import Escalation, EscalationKind, EscalationStatus
 from models.incident import ACTIVE_STATES, DEDUP_INDEX, Incident, IncidentEvent
-from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, Action, State, next_state
+from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, SYSTEM_EVENT_TYPE, Action, State, next_state
 from models.policy import PolicySet
 
 PENDING = EscalationStatus.PENDING
@@ -184,26 +184,30 @@ def _schedule_level(
     settings: EngineSettings,
     outbox: Outbox,
     round_: int = 1,
+    kind: EscalationKind = EscalationKind.LEVEL,
 ) -> Escalation:
-    """Insert level `level` of round `round_` PENDING, due its delay after `base`; hand it over if
-    within the horizon."""
+    """Insert level `level` of round `round_` PENDING, due its delay after `base` (an acknowledgement
+    timer: the policy's ack_timeout after it); hand it over if within the horizon."""
     spec = incident.policy_levels[level - 1]
+    delay_ms = incident.policy_ack_timeout_ms if kind is EscalationKind.ACK_TIMEOUT else spec["delay_ms"]
     escalation = Escalation(
         id=uuid.uuid4(),
         incident_id=incident.id,
         escalation_level=level,
         round=round_,
+        kind=kind,
         status=PENDING,
         notify=list(spec["notify"]),
-        scheduled_at=base + timedelta(milliseconds=spec["delay_ms"]),
+        scheduled_at=base + timedelta(milliseconds=delay_ms),
         created_at=base,
         updated_at=base,
     )
     session.add(escalation)
     if escalation.scheduled_at <= base + timedelta(seconds=settings.eta_horizon_s):
         _hand_over(escalation, base, outbox)
+    what = "the acknowledgement's timer, then level" if kind is EscalationKind.ACK_TIMEOUT else "level"
     outbox.note(
-        f"[ESCALATION] Scheduled level {level} for incident {incident.id} at "
+        f"[ESCALATION] Scheduled {what} {level} for incident {incident.id} at "
         f"{escalation.scheduled_at.isoformat()} (escalation {escalation.id}, round {round_})",
         incident_id=incident.id,
         escalation_id=escalation.id,
@@ -284,15 +288,69 @@ def transition(
     if target is State.ESCALATING:
         incident.policy_levels = [level.as_json() for level in policy.levels]
         incident.policy_repeat = policy.repeat
+        incident.policy_ack_timeout_ms = policy.ack_timeout_ms
         incident.policy_version = own.version if own else None
         data.update(policy=policy.name, levels=len(policy.levels), repeat=policy.repeat)
         if own:
             data["version"] = own.version
         _schedule_level(session, incident, 1, now, settings, outbox)
-    elif current is State.ESCALATING:
-        data["cancelled_escalations"] = cancel_pending(session, incident.id, now, outbox)
+    elif current in (State.ESCALATING, State.ACKNOWLEDGED):
+        # Its pending levels, or the timer of its acknowledgement.
+        cancelled = cancel_pending(session, incident.id, now, outbox)
+        if current is State.ESCALATING or cancelled:
+            data["cancelled_escalations"] = cancelled
+        if current is State.ESCALATING and target is State.ACKNOWLEDGED and incident.policy_ack_timeout_ms:
+            timer = _start_ack_timer(session, incident, now, settings, outbox)
+            data["ack_timeout_at"] = timer.scheduled_at.isoformat()
     notify.queue_status_updates(session, incident, target, now, outbox)
     record_event(session, incident, EVENT_TYPE[target], now, actor=actor, from_state=current, data=data)
+
+
+def _start_ack_timer(
+    session: Session, incident: Incident, now: datetime, settings: EngineSettings, outbox: Outbox
+) -> Escalation:
+    """The acknowledgement's timer: the first row of a new round, at the level last executed (level 1
+    when none has), due when the acknowledgement runs out. Not one of the policy's repeats."""
+    of_incident = Escalation.incident_id == incident.id
+    last_round, last_level = session.execute(
+        select(
+            select(func.max(Escalation.round)).where(of_incident).scalar_subquery(),
+            select(Escalation.escalation_level)
+            .where(of_incident, Escalation.status == EscalationStatus.EXECUTED)
+            .order_by(Escalation.executed_at.desc())
+            .limit(1)
+            .scalar_subquery(),
+        )
+    ).one()
+    return _schedule_level(
+        session, incident, last_level or 1, now, settings, outbox,
+        round_=(last_round or 0) + 1, kind=EscalationKind.ACK_TIMEOUT,
+    )  # fmt: skip
+
+
+def _ack_timed_out(
+    session: Session, incident: Incident, escalation: Escalation, now: datetime, outbox: Outbox
+) -> None:
+    """The system transition ACKNOWLEDGED -> ESCALATING (the state machine says who may take it):
+    the acknowledgement ran out with the incident neither resolved nor cancelled."""
+    previous = incident.state
+    incident.state = next_state(previous, Action.ACK_TIMEOUT)
+    incident.updated_at = now
+    record_event(
+        session,
+        incident,
+        SYSTEM_EVENT_TYPE[Action.ACK_TIMEOUT],
+        now,
+        actor=None,
+        from_state=previous,
+        data={"acknowledged_at": incident.acknowledged_at.isoformat(), **escalation.as_event_data()},
+    )
+    outbox.note(
+        f"[ESCALATION] Acknowledgement of incident {incident.id} ran out: escalating again from level "
+        f"{escalation.escalation_level} (round {escalation.round})",
+        incident_id=incident.id,
+        escalation_id=escalation.id,
+    )
 
 
 def execute(
@@ -325,8 +383,10 @@ def execute(
     ).one()
     if escalation.status is not PENDING:
         return "duplicate"
-    if incident.state is not State.ESCALATING:
-        # Leaving ESCALATING cancels pending levels in the same transaction, so this is a guard only.
+    timer = escalation.kind is EscalationKind.ACK_TIMEOUT
+    if incident.state is not (State.ACKNOWLEDGED if timer else State.ESCALATING):
+        # Leaving ESCALATING (or, for a timer, ACKNOWLEDGED) cancels pending rows in the same
+        # transaction, so this is a guard only.
         escalation.status = EscalationStatus.CANCELLED
         escalation.updated_at = now
         return "cancelled"
@@ -336,6 +396,8 @@ def execute(
             return "stale"
         _hand_over(escalation, now, outbox, task_id=task_id)
         return "early"
+    if timer:
+        _ack_timed_out(session, incident, escalation, now, outbox)
     escalation.status = EscalationStatus.EXECUTED
     escalation.executed_at = now
     escalation.updated_at = now
@@ -358,8 +420,9 @@ def execute(
     )
     if escalation.escalation_level < len(incident.policy_levels):
         next_level, next_round = escalation.escalation_level + 1, escalation.round
-    elif escalation.round <= incident.policy_repeat:
+    elif incident.rounds_repeated < incident.policy_repeat:
         # The last level, and nobody has acknowledged: the chain starts again (the policy's repeat).
+        incident.rounds_repeated += 1
         next_level, next_round = 1, escalation.round + 1
     else:
         return "executed"

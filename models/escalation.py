@@ -20,6 +20,14 @@ class EscalationStatus(enum.StrEnum):
     CANCELLED = "CANCELLED"
 
 
+class EscalationKind(enum.StrEnum):
+    LEVEL = "level"  # a level of the chain, due its delay after the previous step
+    # The timer of an acknowledgement (the policy's ack_timeout): due when it runs out, it takes the
+    # incident back to ESCALATING and executes its level at once, the first of a new round. A row
+    # like the others, so that it has every guarantee a level has (fenced, swept, cancelled).
+    ACK_TIMEOUT = "ack_timeout"
+
+
 class Escalation(Base):
     __tablename__ = "escalations"
 
@@ -29,6 +37,9 @@ class Escalation(Base):
     # 1, then 2, 3... each time the policy's chain starts again (`repeat`): a round's levels are rows of
     # their own.
     round: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    kind: Mapped[EscalationKind] = mapped_column(
+        _enum(EscalationKind, "escalation_kind"), default=EscalationKind.LEVEL, server_default="level"
+    )
     status: Mapped[EscalationStatus] = mapped_column(
         _enum(EscalationStatus, "escalation_status"), default=EscalationStatus.PENDING
     )
@@ -63,5 +74,6 @@ class Escalation(Base):
             "escalation_id": str(self.id),
             "escalation_level": self.escalation_level,
             "round": self.round,
+            "kind": self.kind.value,
             "notify": list(self.notify),
         }

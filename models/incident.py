@@ -55,6 +55,10 @@ class Incident(Base):
     policy_version: Mapped[int | None] = mapped_column()
     # The policy's `repeat`, copied with its levels: rounds after the first when nobody answers.
     policy_repeat: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # The repeats started so far: an acknowledgement's timeout starts a round that is not one of them.
+    rounds_repeated: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # The policy's ack_timeout, copied with its levels (None: an acknowledgement never runs out).
+    policy_ack_timeout_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -21,6 +21,9 @@ class Action(enum.StrEnum):
     ESCALATE = "escalate"
     RESOLVE = "resolve"
     CANCEL = "cancel"
+    # The service's own: an acknowledgement nobody followed with a resolve or cancel ran out (the
+    # policy's ack_timeout), and the incident pages again.
+    ACK_TIMEOUT = "ack_timeout"
 
 
 # The state each action leads to.
@@ -29,6 +32,7 @@ TARGET: dict[Action, State] = {
     Action.ESCALATE: State.ESCALATING,
     Action.RESOLVE: State.RESOLVED,
     Action.CANCEL: State.CANCELLED,
+    Action.ACK_TIMEOUT: State.ESCALATING,
 }
 
 ALLOWED: dict[State, frozenset[State]] = {
@@ -38,6 +42,12 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.RESOLVED: frozenset(),
     State.CANCELLED: frozenset(),
 }
+
+# Transitions only the service takes, never a client, and the one state each is taken from: POST
+# .../escalate on an ACKNOWLEDGED incident stays a 409.
+SYSTEM: dict[Action, State] = {Action.ACK_TIMEOUT: State.ACKNOWLEDGED}
+# What a client may ask for (POST /incidents/{id}/<action>).
+CLIENT_ACTIONS: tuple[Action, ...] = tuple(action for action in Action if action not in SYSTEM)
 
 TERMINAL: frozenset[State] = frozenset(s for s, targets in ALLOWED.items() if not targets)
 
@@ -50,13 +60,15 @@ STATE_TIMESTAMP: dict[State, str] = {
 }
 
 
-# The timeline entry each reached state records.
+# The timeline entry each reached state records; a system transition records its action instead (and
+# leaves the state's timestamp as the first time it was reached).
 EVENT_TYPE: dict[State, str] = {
     State.ACKNOWLEDGED: "acknowledged",
     State.ESCALATING: "escalated",
     State.RESOLVED: "resolved",
     State.CANCELLED: "cancelled",
 }
+SYSTEM_EVENT_TYPE: dict[Action, str] = {action: action.value for action in SYSTEM}
 
 
 class InvalidTransition(Exception):
@@ -75,13 +87,19 @@ class InvalidTransition(Exception):
 def next_state(current: State, action: Action) -> State:
     """Return the state `action` leads to from `current`, or raise InvalidTransition."""
     target = TARGET[action]
-    if target not in ALLOWED[current]:
+    allowed = current is SYSTEM[action] if action in SYSTEM else target in ALLOWED[current]
+    if not allowed:
         raise InvalidTransition(current, action)
     return target
 
 
 def is_valid_path(states: list[State]) -> bool:
-    """True when `states` starts at OPEN and every step is an allowed transition."""
+    """True when `states` starts at OPEN and every step is an allowed transition: a client's, or the
+    ack timeout of an incident that was acknowledged while escalating (only those have the timer)."""
     if not states or states[0] is not State.OPEN:
         return False
-    return all(b in ALLOWED[a] for a, b in zip(states, states[1:], strict=False))
+    for index, (a, b) in enumerate(zip(states, states[1:], strict=False)):
+        timed_out = (a, b) == (SYSTEM[Action.ACK_TIMEOUT], TARGET[Action.ACK_TIMEOUT])
+        if not (b in ALLOWED[a] or (timed_out and index > 0 and states[index - 1] is State.ESCALATING)):
+            return False
+    return True

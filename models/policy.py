@@ -24,6 +24,8 @@ MAX_LEVELS = 20  # PagerDuty and Opsgenie stop around here; more is a typo, not 
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
 # Rounds after the first when nobody answers (`repeat`): ten rounds of a page is a runaway, not a plan.
 MAX_REPEAT = 9
+# An acknowledgement lasts at least this long before it times out (0 would page again at once).
+MIN_ACK_TIMEOUT_MS = 1000
 # The channels a level can notify: each one is delivered (tasks/channels); a name that nothing can
 # deliver is refused here, not discovered when the level fires.
 CHANNELS = ("in_app", "email", "sms", "webhook", "slack")
@@ -66,13 +68,22 @@ class Policy:
     # starts again at level 1 this many more times: a policy that runs out of levels never goes silent
     # on an incident nobody answered.
     repeat: int = 0
+    # An incident acknowledged while escalating, and neither resolved nor cancelled within this, goes
+    # back to escalating and pages again from the level last executed (None: never).
+    ack_timeout_ms: int | None = None
 
     def as_body(self) -> dict[str, Any]:
         """The policy in the file's notation, normalised: what PUT /policies/{name} takes and GET shows."""
-        levels = [
-            {"delay": format_duration(level.delay_ms), "notify": list(level.notify)} for level in self.levels
-        ]
-        return {"levels": levels, "repeat": self.repeat} if self.repeat else {"levels": levels}
+        body: dict[str, Any] = {
+            "levels": [
+                {"delay": format_duration(lv.delay_ms), "notify": list(lv.notify)} for lv in self.levels
+            ]
+        }
+        if self.repeat:
+            body["repeat"] = self.repeat
+        if self.ack_timeout_ms is not None:
+            body["ack_timeout"] = format_duration(self.ack_timeout_ms)
+        return body
 
     def timeline(self) -> str:
         """'level 1 at +5m, level 2 at +20m, level 3 at +1h20m, repeat 2x -> last page at +4h': when each
@@ -82,6 +93,8 @@ class Policy:
         if self.repeat:
             # Each round starts when the previous one's last level has executed: rounds add up.
             line += f", repeat {self.repeat}x -> last page at +{format_elapsed(due[-1] * (self.repeat + 1))}"
+        if self.ack_timeout_ms is not None:
+            line += f"; acknowledged and not resolved for {format_elapsed(self.ack_timeout_ms)}: pages again"
         return line
 
 
@@ -202,13 +215,23 @@ def parse_policy(name: str, body: Any, source: str = "", where: str = "") -> Pol
     """One policy's body, {'levels': [...]}, as in the file and in PUT /policies/{name}. `where` is the
     body's place in `source` ('policies.<name>' in a file; '' for a request's body): errors name both."""
     if not isinstance(body, dict) or "levels" not in body:
-        raise PolicyError(source, where, "expected a mapping with 'levels' (and optionally 'repeat')")
-    unknown = set(body) - {"levels", "repeat"}
+        raise PolicyError(
+            source, where, "expected a mapping with 'levels' (and optionally 'repeat', 'ack_timeout')"
+        )
+    unknown = set(body) - {"levels", "repeat", "ack_timeout"}
     if unknown:
         raise PolicyError(source, where, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     repeat = body.get("repeat", 0)
     if type(repeat) is not int or not 0 <= repeat <= MAX_REPEAT:  # bool is an int: not here
         raise PolicyError(source, _join(where, "repeat"), f"expected a whole number from 0 to {MAX_REPEAT}")
+    ack_timeout_ms = None
+    if body.get("ack_timeout") is not None:
+        try:
+            ack_timeout_ms = parse_duration(body["ack_timeout"])
+        except ValueError as exc:
+            raise PolicyError(source, _join(where, "ack_timeout"), str(exc)) from None
+        if ack_timeout_ms < MIN_ACK_TIMEOUT_MS:
+            raise PolicyError(source, _join(where, "ack_timeout"), "at least 1s")
     levels_at = _join(where, "levels")
     levels = body["levels"]
     if not isinstance(levels, list) or not levels:
@@ -219,6 +242,7 @@ def parse_policy(name: str, body: Any, source: str = "", where: str = "") -> Pol
         name=name,
         levels=tuple(_parse_level(source, f"{levels_at}[{i}]", raw) for i, raw in enumerate(levels)),
         repeat=repeat,
+        ack_timeout_ms=ack_timeout_ms,
     )
 
 

@@ -52,6 +52,7 @@ ESCALATION_FIELDS = {
     "incident_id",
     "escalation_level",
     "round",
+    "kind",
     "status",
     "notify",
     "scheduled_at",

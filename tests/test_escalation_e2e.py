@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 import requests
@@ -34,7 +34,10 @@ class Client(requests.Session):
         self.base = base
         self.db = db
         self.broker_url = broker_url
-        self.headers.update(headers)
+        # A connection per request, as tests/support/servers.api_session and for its reason: a test
+        # that waits out a level would otherwise send its next request on a connection gunicorn is
+        # closing (2 s idle) and get a reset.
+        self.headers.update({**headers, "Connection": "close"})
 
     def publish(self, task: str, *args, copies: int = 1) -> None:
         from celery import Celery
@@ -193,6 +196,64 @@ def test_leaving_escalating_stops_every_round(http, action):
     assert max(e["round"] for e in rows) == 2
     assert [e["status"] for e in rows if e["status"] != "EXECUTED"] in (["CANCELLED"], [])
     assert sum(e["status"] == "PENDING" for e in rows) == 0
+
+
+def steps(rows: list[dict]) -> list[tuple]:
+    return [(e["round"], e["escalation_level"], e["kind"], e["status"]) for e in rows]
+
+
+def test_an_acknowledgement_nobody_follows_runs_out_and_pages_again_from_the_level_last_executed(http):
+    incident = create(http, policy="forgetful")
+    act(http, incident["id"], "escalate")
+    wait_statuses(http, incident["id"], ["EXECUTED", "PENDING"])
+    acknowledged = act(http, incident["id"], "acknowledge")
+    rows = escalations(http, incident["id"])
+    # The timer is visible, and due when the acknowledgement runs out.
+    assert steps(rows) == [
+        (1, 1, "level", "EXECUTED"),
+        (1, 2, "level", "CANCELLED"),
+        (2, 1, "ack_timeout", "PENDING"),
+    ]
+    assert ts(rows[2]["scheduled_at"]) - ts(acknowledged["acknowledged_at"]) == timedelta(seconds=1)
+    assert act(http, incident["id"], "escalate", expect=409)["errors"] == {"state": ["ACKNOWLEDGED"]}
+    rows = eventually(
+        lambda: (r := escalations(http, incident["id"])) and r[2]["status"] == "EXECUTED" and r, timeout=10
+    )
+    again = http.get(f"{http.base}/incidents/{incident['id']}", timeout=5).json()
+    assert again["state"] == "ESCALATING"
+    assert again["escalated_at"] == acknowledged["escalated_at"]  # when it first escalated
+    # Level 1 paged again at once, and the chain goes on from there: level 2 of the new round.
+    assert steps(rows)[3:] == [(2, 2, "level", "PENDING")]
+    events = http.get(f"{http.base}/incidents/{incident['id']}/events", timeout=5).json()["items"]
+    types = [e["type"] for e in events]
+    assert types == [
+        "created",
+        "escalated",
+        "escalation_executed",
+        "acknowledged",
+        "ack_timeout",
+        "escalation_executed",
+    ]
+    timed_out = events[4]
+    assert (timed_out["from_state"], timed_out["to_state"], timed_out["actor"]) == (
+        "ACKNOWLEDGED",
+        "ESCALATING",
+        None,
+    )
+    assert timed_out["data"]["escalation_id"] == rows[2]["id"]
+    assert timed_out["at"] == rows[2]["executed_at"] == events[5]["at"]
+    # A new acknowledgement starts a new timer, at the level last executed (level 1, of round 2).
+    act(http, incident["id"], "acknowledge")
+    assert steps(escalations(http, incident["id"]))[3:] == [
+        (2, 2, "level", "CANCELLED"),
+        (3, 1, "ack_timeout", "PENDING"),
+    ]
+    act(http, incident["id"], "resolve")
+    time.sleep(1.5)  # past the moment the timer would have run out
+    assert steps(escalations(http, incident["id"]))[4] == (3, 1, "ack_timeout", "CANCELLED")
+    events = http.get(f"{http.base}/incidents/{incident['id']}/events", timeout=5).json()["items"]
+    assert [e["type"] for e in events][-2:] == ["acknowledged", "resolved"]
+    assert events[-1]["data"]["cancelled_escalations"] == 1
 
 
 def wait_statuses(http, incident_id, expected: list[str], timeout: float = 10) -> list[dict]:

@@ -4,6 +4,7 @@ import pytest
 
 from models.lifecycle import (
     ALLOWED,
+    CLIENT_ACTIONS,
     TARGET,
     TERMINAL,
     Action,
@@ -23,6 +24,7 @@ EXPECTED = {
     (State.ESCALATING, Action.ACKNOWLEDGE): State.ACKNOWLEDGED,
     (State.ESCALATING, Action.RESOLVE): State.RESOLVED,
     (State.ESCALATING, Action.CANCEL): State.CANCELLED,
+    (State.ACKNOWLEDGED, Action.ACK_TIMEOUT): State.ESCALATING,  # the service's own
 }
 
 
@@ -40,7 +42,8 @@ def test_every_state_and_action(state, action):
 
 def test_table_has_exactly_the_expected_transitions():
     pairs = {(s, t) for s, targets in ALLOWED.items() for t in targets}
-    assert pairs == {(s, TARGET[a]) for (s, a) in EXPECTED}
+    assert pairs == {(s, TARGET[a]) for (s, a) in EXPECTED if a in CLIENT_ACTIONS}
+    assert set(CLIENT_ACTIONS) == set(Action) - {Action.ACK_TIMEOUT}
     assert TERMINAL == {State.RESOLVED, State.CANCELLED}
 
 
@@ -55,6 +58,7 @@ def test_acknowledged_cannot_escalate_and_terminal_states_are_final():
 
 def test_valid_paths():
     assert is_valid_path([State.OPEN, State.ESCALATING, State.ACKNOWLEDGED, State.RESOLVED])
-    assert not is_valid_path([State.OPEN, State.ACKNOWLEDGED, State.ESCALATING])
+    assert not is_valid_path([State.OPEN, State.ACKNOWLEDGED, State.ESCALATING])  # no timer: never escalated
+    assert is_valid_path([State.OPEN, State.ESCALATING, State.ACKNOWLEDGED, State.ESCALATING, State.RESOLVED])
     assert not is_valid_path([State.ESCALATING])
     assert not is_valid_path([])

@@ -50,7 +50,9 @@ ONCALL_SNAPSHOT = [
     {"delay_ms": 2 * HOUR_MS, "notify": ["email", "sms"]},
     {"delay_ms": 90 * 60_000, "notify": []},
 ]
-POLICY_FIELDS = {"name", "source", "version", "shadows", "levels", "repeat", "timeline", "created_at"}
+POLICY_FIELDS = {
+    "name", "source", "version", "shadows", "levels", "repeat", "ack_timeout", "timeline", "created_at"
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,7 @@ def test_each_put_stores_the_next_version_normalised(client, tenant):
         "shadows": False,
         "levels": ONCALL_LEVELS,
         "repeat": 0,
+        "ack_timeout": None,
         "timeline": "level 1 at +2h, level 2 at +3h30m",
     }
     second = put(client, tenant.write, "oncall", {"levels": [{"delay": "30s", "notify": ["slack"]}]})
@@ -177,6 +180,7 @@ def test_the_list_holds_the_files_policies_and_the_tenants_own_by_name(client, t
         "shadows": False,
         "levels": [{"delay": "90m", "notify": ["sms"]}],
         "repeat": 0,
+        "ack_timeout": None,
         "timeline": "level 1 at +1h30m",
         "created_at": None,
     }

@@ -207,6 +207,7 @@ def test_fast_test_policy_file_loads():
         "single": [500],
         "held": [4000, 1000],
         "repeating": [300, 300],
+        "forgetful": [300, 3000],
     }
     assert [lv.notify for lv in policies.get("fast").levels] == [("in_app", "webhook"), ("email",), ("sms",)]
     assert policies.get("single").levels[0].as_json() == {"delay_ms": 500, "notify": ["sms"]}
@@ -368,7 +369,8 @@ def test_no_levels(tmp_path, levels_yaml):
 
 def test_policy_without_levels_field(tmp_path):
     path, message = load_error(tmp_path, "default_policy: standard\npolicies:\n  standard: {}\n")
-    assert message == f"{path}: policies.standard: expected a mapping with 'levels' (and optionally 'repeat')"
+    expected = "expected a mapping with 'levels' (and optionally 'repeat', 'ack_timeout')"
+    assert message == f"{path}: policies.standard: {expected}"
 
 
 def test_too_many_levels(tmp_path):
@@ -623,7 +625,7 @@ def test_parse_policy_names_fields_relative_to_the_body():
         parse_policy("p", ["levels"])
     assert (info.value.field, info.value.reason) == (
         "",
-        "expected a mapping with 'levels' (and optionally 'repeat')",
+        "expected a mapping with 'levels' (and optionally 'repeat', 'ack_timeout')",
     )
 
 

@@ -178,3 +178,70 @@ def test_s11_workers_killed_every_few_seconds(make_stack):
         stack=stack,
         settled_s=round(waited, 1),
     )
+
+
+# Scenario 22 (issue 11): acknowledgements that run out. Level 1 pages at once, level 2 two seconds
+# later; an acknowledgement nobody follows with a resolve runs out after 6 s and pages again.
+ACK_TIMEOUT_POLICY = """\
+default_policy: forgetful
+policies:
+  forgetful:
+    ack_timeout: 6s
+    levels:
+      - {delay: 300ms, notify: [in_app]}
+      - {delay: 2s, notify: [in_app]}
+"""
+
+
+def _timers(stack, status: str) -> int:
+    query = "SELECT count(*) FROM escalations WHERE kind = 'ack_timeout' AND status = %s"
+    return stack.sql(query, (status,))[0][0]
+
+
+def test_s22_worker_killed_as_acknowledgement_timers_fall_due(make_stack):
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = scale("s22_incidents", 100)
+    stack = make_stack(policy=ACK_TIMEOUT_POLICY)
+    web, worker, beat = stack.web(), stack.worker(), stack.beat()
+    stack.start(web, worker, beat)
+    api = stack.client(web)
+    ids = stack.open_incidents(n)
+    wait_until(
+        lambda: stack.sql("SELECT count(*) FROM escalations WHERE status = 'EXECUTED'")[0][0] >= n,
+        15,
+        what="every level 1 executed",
+    )
+    acks_began = time.monotonic()
+    with ThreadPoolExecutor(12) as pool:
+        acked = sum(r.status == 200 for r in pool.map(lambda i: api.act(i, "acknowledge"), ids))
+    timers = _timers(stack, "PENDING")
+    # The timers fall due from 6 s after the first acknowledgement, the worker holding them meanwhile.
+    # A quarter of the incidents are resolved just before theirs runs out (so it must never fire),
+    # then the worker is killed as the rest fall due.
+    time.sleep(max(0.0, acks_began + 5.0 - time.monotonic()))
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda i: api.act(i, "resolve"), ids[: n // 4]))
+    time.sleep(max(0.0, acks_began + 5.8 - time.monotonic()))
+    with stack.outage("the only worker killed as the timers fell due, and restarted"):
+        stack.kill(worker)  # kill -9 the worker and its pool: the timers it held die with it
+        time.sleep(1)
+        worker.start()
+    waited = stack.settle(90)
+    fired = _timers(stack, "EXECUTED")
+    figures = stack.check(minimum={"incidents": n, "escalated": n, "executed": 2 * (n - n // 4)})
+    if acked < n or timers < n:
+        figures.violate(f"[0] {acked} of {n} acknowledged, {timers} timers pending: the fault found few")
+    if fired != n - n // 4:
+        figures.violate(f"[2] {fired} timers fired for the {n - n // 4} incidents nobody resolved")
+    verdict(
+        "22. worker kill -9 as acknowledgement timers fall due",
+        f"{n} incidents acknowledged after level 1 (ack_timeout 6 s); a quarter resolved just before their "
+        "timers fell due; kill -9 of the only worker holding the timers as they fell due, restarted 1 s "
+        "later",
+        figures,
+        stack=stack,
+        settled_s=round(waited, 1),
+        timers=timers,
+        timers_fired=fired,
+    )

@@ -39,10 +39,11 @@ import psycopg2
 import psycopg2.extras
 import yaml
 
-from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, State, is_valid_path
+from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, SYSTEM_EVENT_TYPE, Action, State, is_valid_path
 
 EXECUTING_LINE = re.compile(r"EXECUTING level (\d+) for incident (\S+) \(escalation ([0-9a-f-]{36})")
-TRANSITION_TYPES = {"created", *EVENT_TYPE.values()}
+TRANSITION_TYPES = {"created", *EVENT_TYPE.values(), *SYSTEM_EVENT_TYPE.values()}
+ACK_TIMEOUT = SYSTEM_EVENT_TYPE[Action.ACK_TIMEOUT]
 # A level is due at scheduled_at; its next level is created in the same transaction, so their
 # timestamps agree to the microsecond. Allow for rounding only.
 EPSILON = timedelta(milliseconds=1)
@@ -153,12 +154,12 @@ def _load(database_url: str):
             cur.execute("SELECT now() AS now")
             now = cur.fetchone()["now"]
             cur.execute(
-                "SELECT id, state, severity, policy, policy_levels, policy_repeat, escalated_at,"
-                " acknowledged_at, resolved_at, cancelled_at FROM incidents"
+                "SELECT id, state, severity, policy, policy_levels, policy_repeat, policy_ack_timeout_ms,"
+                " escalated_at, acknowledged_at, resolved_at, cancelled_at FROM incidents"
             )
             incidents = cur.fetchall()
             cur.execute(
-                "SELECT id, incident_id, round, escalation_level, status, notify, scheduled_at,"
+                "SELECT id, incident_id, round, escalation_level, kind, status, notify, scheduled_at,"
                 " executed_at, published_at, task_id, created_at, updated_at FROM escalations"
             )
             escalations = cur.fetchall()
@@ -180,23 +181,53 @@ def parse_policy_file(text: str) -> dict:
     Deliberately not models/policy.py: the checker compares what the engine stored against the file,
     so it reads the file on its own (durations: a number and ms, s, m or h)."""
     data = yaml.safe_load(text)
-    policies, repeats = {}, {}
+    policies, repeats, ack_timeouts = {}, {}, {}
     for name, body in data["policies"].items():
         repeats[name] = int(body.get("repeat", 0))
+        ack_timeouts[name] = _duration_ms(body["ack_timeout"]) if body.get("ack_timeout") else None
         levels = []
         for level in body["levels"]:
-            match = DURATION.match(str(level["delay"]).strip())
-            if not match:
-                raise ValueError(f"policy {name}: cannot read delay {level['delay']!r}")
-            delay_ms = Decimal(match.group(1)) * UNIT_MS[match.group(2)]
-            levels.append({"delay_ms": int(delay_ms), "notify": list(dict.fromkeys(level.get("notify", [])))})
+            notify = list(dict.fromkeys(level.get("notify", [])))
+            levels.append({"delay_ms": _duration_ms(level["delay"]), "notify": notify})
         policies[name] = levels
     return {
         "default": data["default_policy"],
         "severity_policies": data.get("severity_policies") or {},
         "policies": policies,
         "repeats": repeats,
+        "ack_timeouts": ack_timeouts,
     }
+
+
+def _duration_ms(text: str) -> int:
+    match = DURATION.match(str(text).strip())
+    if not match:
+        raise ValueError(f"cannot read duration {text!r}")
+    return int(Decimal(match.group(1)) * UNIT_MS[match.group(2)])
+
+
+def _origin(esc, previous, escalated, acks, escs, levels, ack_timeout_ms):
+    """The step (round, level) a row must be, given the row before it in the chain, and when it must
+    have been created (base) and its delay after that: (step, base, delay_ms); step None if no rule
+    allows the row at all."""
+    if esc["kind"] == "ack_timeout":
+        # Written by an acknowledgement of the escalating incident: the next round, at the level last
+        # executed (level 1 if none had), due when the acknowledgement runs out.
+        ack = next((a for a in acks if a["at"] == esc["created_at"]), None)
+        if ack is None or not ack_timeout_ms or previous is None:
+            return None, None, None
+        done = [e for e in escs if e["status"] == "EXECUTED" and e["executed_at"] <= ack["at"]]
+        level = max(done, key=lambda e: e["executed_at"])["escalation_level"] if done else 1
+        return (previous["round"] + 1, level), ack["at"], ack_timeout_ms
+    if previous is None:
+        return (1, 1), escalated["at"], levels[0]["delay_ms"] if levels else None
+    if previous["status"] != "EXECUTED" or previous["executed_at"] is None:
+        return None, None, None  # nothing follows a step that did not run
+    if previous["escalation_level"] < len(levels):
+        step = (previous["round"], previous["escalation_level"] + 1)
+    else:
+        step = (previous["round"] + 1, 1)  # a repeat: the last level ran, the chain starts again
+    return step, previous["executed_at"], levels[step[1] - 1]["delay_ms"]
 
 
 def fault_deadline(due: datetime, bound: timedelta, outages: Sequence[tuple[datetime, datetime]]) -> datetime:
@@ -303,7 +334,10 @@ def check(
                     f"[4] incident {iid}: gap: event {event['id']} goes from {event['from_state']} "
                     f"but the previous one ended in {previous['to_state']}"
                 )
-            if to_state is None or event["type"] != EVENT_TYPE.get(to_state):
+            # Every transition records its state's entry, but an acknowledgement that ran out its own.
+            timed_out = (previous["to_state"], event["to_state"]) == ("ACKNOWLEDGED", "ESCALATING")
+            expected_type = ACK_TIMEOUT if timed_out else EVENT_TYPE.get(to_state)
+            if to_state is None or event["type"] != expected_type:
                 fig.violate(f"[4] incident {iid}: event {event['id']} type {event['type']} -> {to_state}")
                 continue
             path.append(to_state)
@@ -317,26 +351,33 @@ def check(
         for earlier, later in zip(locked, locked[1:], strict=False):
             if later["at"] < earlier["at"]:
                 fig.violate(f"[4] incident {iid}: event {later['id']} is dated before event {earlier['id']}")
-        for event in transitions[1:]:
-            to_state = State(event["to_state"])
-            column = STATE_TIMESTAMP.get(to_state)
-            if column and incident[column] != event["at"]:
+        # A state's timestamp is when a client's transition last reached it (an ack timeout sets none).
+        for target, column in STATE_TIMESTAMP.items():
+            entries = [e for e in transitions if e["type"] == EVENT_TYPE[target]]
+            if entries and incident[column] != entries[-1]["at"]:
                 fig.violate(
-                    f"[4] incident {iid}: {column}={incident[column]} but its event is at {event['at']}"
+                    f"[4] incident {iid}: {column}={incident[column]} but its last event is at "
+                    f"{entries[-1]['at']}"
                 )
         reached = {State(e["to_state"]) for e in transitions}
         for target, column in STATE_TIMESTAMP.items():
             if target not in reached and incident[column] is not None:
                 fig.violate(f"[4] incident {iid}: {column} is set but no event reached {target}")
 
-        # When did it start and stop escalating (from the timeline)?
-        escalated = next((e for e in transitions if e["to_state"] == "ESCALATING"), None)
-        left = next((e for e in transitions if e["from_state"] == "ESCALATING"), None)
+        # When it escalated (from the timeline): each span from entering ESCALATING to leaving it (an
+        # acknowledgement that ran out enters it again).
+        spans: list[list] = []
+        for event in transitions:
+            if event["to_state"] == "ESCALATING":
+                spans.append([event, None])
+            elif event["from_state"] == "ESCALATING" and spans:
+                spans[-1][1] = event
+        escalated = spans[0][0] if spans else None
         executed_events = [e for e in evs if e["type"] == "escalation_executed"]
         for event in executed_events:
             if event["from_state"] != "ESCALATING" or event["to_state"] != "ESCALATING":
                 fig.violate(f"[4] incident {iid}: escalation_executed event {event['id']} outside ESCALATING")
-            if escalated is None or event["id"] < escalated["id"] or (left and event["id"] > left["id"]):
+            if not any(a["id"] < event["id"] and (b is None or event["id"] < b["id"]) for a, b in spans):
                 fig.violate(
                     f"[3] incident {iid}: escalation_executed event {event['id']} outside the escalation"
                 )
@@ -347,10 +388,7 @@ def check(
             continue
         fig.escalated += 1
         levels = incident["policy_levels"] or []
-        # Every step the chain may take: each level of each round (the policy's repeat, snapshotted).
-        chain = [(r, lv) for r in range(1, incident["policy_repeat"] + 2) for lv in range(1, len(levels) + 1)]
-        start = escalated["at"]
-        left_at = left["at"] if left else None
+        ack_timeout_ms = incident["policy_ack_timeout_ms"]
 
         # -- the levels it escalates by are its policy's, as the file says ---------------------------
         if policy_file is not None:
@@ -363,10 +401,11 @@ def check(
                 fig.violate(
                     f"[1] incident {iid}: stored levels {stored} but policy {name} in the file is {expected}"
                 )
-            if incident["policy_repeat"] != policy_file["repeats"][name]:
+            wanted = (policy_file["repeats"][name], policy_file["ack_timeouts"][name])
+            if (incident["policy_repeat"], ack_timeout_ms) != wanted:
                 fig.violate(
-                    f"[1] incident {iid}: stored repeat {incident['policy_repeat']} but policy {name} in "
-                    f"the file repeats {policy_file['repeats'][name]}"
+                    f"[1] incident {iid}: stored repeat and ack timeout {incident['policy_repeat']}, "
+                    f"{ack_timeout_ms} but policy {name} in the file has {wanted}"
                 )
             said = escalated["data"] or {}
             if said.get("policy") != name or said.get("levels") != len(expected):
@@ -379,18 +418,15 @@ def check(
                         f"policy {name} notifies {expected[index]['notify']}"
                     )
 
-        # -- 1. exactly one execution per EXECUTED level; each level created by the previous one -----
+        # -- 1. exactly one execution per EXECUTED row; each row created by the step before it -------
         runs = Counter(e["data"].get("escalation_id") for e in executed_events)
-        steps = [(e["round"], e["escalation_level"]) for e in escs]
-        if steps != chain[: len(escs)]:
-            fig.violate(f"[1] incident {iid}: (round, level)s {steps} are not the chain {chain[: len(escs)]}")
-        if len(escs) > len(chain):
-            fig.violate(
-                f"[1] incident {iid}: {len(escs)} escalations but its policy's chain has {len(chain)}"
-            )
-        for index, esc in enumerate(escs):
+        acks = [e for e in transitions if e["type"] == "acknowledged" and e["from_state"] == "ESCALATING"]
+        repeats = 0
+        previous = None  # the step before, in the order the chain ran: (round, level)
+        for esc in escs:
             eid = str(esc["id"])
             status = esc["status"]
+            step = (esc["round"], esc["escalation_level"])
             n_runs = runs.pop(eid, 0)
             fig.executed += status == "EXECUTED"
             fig.cancelled += status == "CANCELLED"
@@ -400,14 +436,20 @@ def check(
                 fig.violate(f"[1] escalation {eid} (incident {iid}) executed {n_runs} times")
             if (status == "EXECUTED") != (n_runs >= 1):
                 fig.violate(f"[1] escalation {eid} is {status} but has {n_runs} execution event(s)")
-            # Who created it: the escalation (round 1, level 1) or the previous step's execution.
-            base = start if index == 0 else escs[index - 1]["executed_at"]
-            if index > 0 and escs[index - 1]["status"] != "EXECUTED":
-                fig.violate(
-                    f"[1] escalation {eid}: step {steps[index]} exists but {steps[index - 1]} is not EXECUTED"
-                )
-            elif base is not None and index < len(chain) and levels:
-                expected_due = base + timedelta(milliseconds=levels[index % len(levels)]["delay_ms"])
+            expected_step, base, delay_ms = _origin(
+                esc, previous, escalated, acks, escs, levels, ack_timeout_ms
+            )
+            if esc["kind"] == "level" and previous is not None and esc["round"] != previous["round"]:
+                repeats += 1
+                if repeats > incident["policy_repeat"]:
+                    fig.violate(
+                        f"[1] escalation {eid}: repeat {repeats} of a policy repeating "
+                        f"{incident['policy_repeat']}"
+                    )
+            if expected_step is None or step != expected_step:
+                fig.violate(f"[1] escalation {eid} (incident {iid}): step {step}, expected {expected_step}")
+            elif base is not None and delay_ms is not None:
+                expected_due = base + timedelta(milliseconds=delay_ms)
                 if (
                     abs(esc["created_at"] - base) > EPSILON
                     or abs(esc["scheduled_at"] - expected_due) > EPSILON
@@ -416,6 +458,21 @@ def check(
                         f"[1] escalation {eid}: created {esc['created_at']} due {esc['scheduled_at']}, "
                         f"expected created {base} due {expected_due}"
                     )
+            if esc["kind"] == "ack_timeout" and status == "EXECUTED":
+                # It fired while the acknowledgement that started it still stood: the next transition
+                # after that acknowledgement is its own ack timeout, at its execution.
+                after = [
+                    t for t in transitions if t["at"] >= esc["created_at"] and t["type"] != "acknowledged"
+                ]
+                fired = after[0] if after else None
+                if (
+                    fired is None
+                    or fired["type"] != ACK_TIMEOUT
+                    or (fired["data"] or {}).get("escalation_id") != eid
+                    or fired["at"] != esc["executed_at"]
+                ):
+                    fig.violate(f"[3] ack timeout {eid} fired without its acknowledgement standing: {fired}")
+            previous = esc
             if status == "EXECUTED":
                 executed_rows[eid] = {
                     "incident": str(iid),
@@ -436,12 +493,12 @@ def check(
                         f"{after_recovery.total_seconds():.1f} s after it fell due or the fault under way "
                         f"ended (bound {bound})"
                     )
-                # -- 3. nothing executed at or after leaving ESCALATING --------------------------
-                if left_at is not None and esc["executed_at"] >= left_at:
+                # -- 3. nothing executed while the incident was not escalating ----------------------
+                at = esc["executed_at"]
+                if not any(a["at"] <= at and (b is None or at < b["at"]) for a, b in spans):
                     fig.executed_after_leave += 1
                     fig.violate(
-                        f"[3] escalation {eid} executed at {esc['executed_at']}, incident left "
-                        f"ESCALATING at {left_at}"
+                        f"[3] escalation {eid} executed at {at}, while incident {iid} was not ESCALATING"
                     )
         for eid, n_runs in runs.items():
             fig.duplicated += n_runs
@@ -451,32 +508,52 @@ def check(
         last = escs[-1] if escs else None
         if last is None:
             fig.lost += 1
-            fig.violate(f"[2] incident {iid} escalated at {start} but has no escalation at all")
+            fig.violate(f"[2] incident {iid} escalated at {escalated['at']} but has no escalation at all")
             continue
-        if last["status"] == "EXECUTED" and len(escs) < len(chain):
+        if last["status"] == "EXECUTED" and (
+            last["escalation_level"] < len(levels) or repeats < incident["policy_repeat"]
+        ):
             # The execution commits the next step in its own transaction: it cannot be missing.
             fig.lost += 1
-            fig.violate(f"[1] incident {iid}: {steps[-1]} EXECUTED but {chain[len(escs)]} missing")
-        if state is State.ESCALATING:
-            for esc in escs:
-                if esc["status"] == "CANCELLED":
-                    fig.violate(f"[3] escalation {esc['id']} CANCELLED while its incident escalates")
-                elif esc["status"] == "PENDING" and deadline(esc["scheduled_at"]) < now:
+            fig.violate(
+                f"[1] incident {iid}: {(last['round'], last['escalation_level'])} EXECUTED, "
+                "the next step missing"
+            )
+        if ack_timeout_ms:
+            timers = {esc["created_at"] for esc in escs if esc["kind"] == "ack_timeout"}
+            for ack in acks:
+                if ack["at"] not in timers:
+                    fig.lost += 1
+                    fig.violate(f"[2] incident {iid}: acknowledged at {ack['at']} without a timer")
+        for esc in escs:
+            # Levels run while it escalates; a timer while it is acknowledged.
+            runs_in = "ACKNOWLEDGED" if esc["kind"] == "ack_timeout" else "ESCALATING"
+            if esc["status"] == "PENDING":
+                if state.value != runs_in:
+                    fig.violate(
+                        f"[3] escalation {esc['id']} ({esc['kind']}) PENDING but incident {iid} is {state}"
+                    )
+                elif deadline(esc["scheduled_at"]) < now:
                     fig.lost += 1
                     fig.violate(
-                        f"[2] escalation {esc['id']} (incident {iid}, level {esc['escalation_level']}) "
-                        f"still PENDING {now - esc['scheduled_at']} after due"
+                        f"[2] escalation {esc['id']} (incident {iid}, step "
+                        f"{(esc['round'], esc['escalation_level'])}"
+                        f", {esc['kind']}) still PENDING {now - esc['scheduled_at']} after due"
                     )
-        else:
-            for esc in escs:
-                if esc["status"] == "PENDING":
-                    fig.violate(f"[3] escalation {esc['id']} PENDING but incident {iid} is {state}")
-                elif esc["status"] == "CANCELLED" and left_at and deadline(esc["scheduled_at"]) < left_at:
-                    # It should have run before the incident left ESCALATING, and never ran: lost.
+            elif esc["status"] == "CANCELLED":
+                # Cancelled by the transition that left the state it runs in, and not overdue then.
+                left_at = esc["updated_at"]
+                if not any(t["from_state"] == runs_in and t["at"] == left_at for t in transitions):
+                    fig.violate(
+                        f"[3] escalation {esc['id']} CANCELLED at {left_at}, not by incident {iid} "
+                        f"leaving {runs_in}"
+                    )
+                elif deadline(esc["scheduled_at"]) < left_at:
+                    # It should have run before the incident left, and never ran: lost.
                     fig.lost += 1
                     fig.violate(
                         f"[2] escalation {esc['id']} due {esc['scheduled_at']} never ran; incident "
-                        f"left ESCALATING at {left_at} (bound {bound})"
+                        f"left {runs_in} at {left_at} (bound {bound})"
                     )
 
     if latenesses:
