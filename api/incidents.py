@@ -14,6 +14,7 @@ from api.auth import authenticate
 from api.db import db_session
 from api.paging import keyset_page
 from api.schemas import (
+    EscalateSchema,
     EscalationListSchema,
     EventListSchema,
     IncidentCreateSchema,
@@ -27,7 +28,7 @@ from models import engine, tenant_policy
 from models.engine import Outbox
 from models.escalation import Escalation
 from models.incident import Incident, IncidentEvent
-from models.lifecycle import CLIENT_ACTIONS, Action, InvalidTransition
+from models.lifecycle import CLIENT_ACTIONS, Action, InvalidTransition, State
 from tasks.escalation import deliver
 
 blp = Blueprint("incidents", __name__, url_prefix="/incidents", description="Incidents and their escalations")
@@ -111,6 +112,10 @@ def _transition_view(action: Action):
         if incident is None:
             abort(404, message=f"Incident {incident_id} not found.")
         outbox = Outbox()
+        if action is Action.ESCALATE and incident.state is State.ESCALATING:
+            return _escalate_now(session, incident, data.get("level"), outbox)
+        if data.get("level") is not None:
+            abort(422, errors={"json": {"level": ["Only an ESCALATING incident has a level to page now."]}})
         try:
             engine.transition(
                 session,
@@ -131,14 +136,47 @@ def _transition_view(action: Action):
 
     view.__name__ = f"{action.value}_incident"
     view.__doc__ = f"{action.value.capitalize()} an incident (409 if its state does not allow it)."
+    if action is Action.ESCALATE:
+        view.__doc__ = (
+            "Escalate an incident; on one ESCALATING already, page a level now: `level`, or the lowest "
+            "pending one (200 and no change when that level has run; 409 when no level is left)."
+        )
     return view
 
 
-for _action in CLIENT_ACTIONS:
-    blp.route(f"/<uuid:incident_id>/{_action.value}", methods=["POST"])(
-        blp.arguments(TransitionSchema, required=False)(
-            blp.response(200, IncidentSchema)(_transition_view(_action))
+def _escalate_now(session, incident: Incident, level: int | None, outbox: Outbox) -> Incident:
+    """A responder pages a level now (models/engine.escalate_now)."""
+    if level is not None and level > len(incident.policy_levels):
+        session.rollback()
+        abort(
+            422,
+            errors={"json": {"level": [f"The incident's policy has {len(incident.policy_levels)} levels."]}},
         )
+    try:
+        engine.escalate_now(
+            session,
+            incident,
+            level,
+            actor=g.api_key.id,
+            settings=current_app.extensions["engine_settings"],
+            outbox=outbox,
+        )
+    except engine.NoLevelLeft:
+        session.rollback()
+        abort(
+            409,
+            message="Nothing left to page: every level of the incident's policy has run.",
+            errors={"state": [incident.state.value]},
+        )
+    session.commit()
+    deliver(outbox)
+    return incident
+
+
+for _action in CLIENT_ACTIONS:
+    body = EscalateSchema if _action is Action.ESCALATE else TransitionSchema
+    blp.route(f"/<uuid:incident_id>/{_action.value}", methods=["POST"])(
+        blp.arguments(body, required=False)(blp.response(200, IncidentSchema)(_transition_view(_action)))
     )
 
 

@@ -80,6 +80,18 @@ class TransitionSchema(Schema):
     )
 
 
+class EscalateSchema(TransitionSchema):
+    level = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1, max=MAX_LEVELS),
+        metadata={
+            "description": "On an ESCALATING incident: page this level of the current round now (the "
+            "levels before it that have not run are CANCELLED as skipped); already run: 200, nothing "
+            "changes. Without it, the lowest pending level. A level beyond the incident's policy is a 422"
+        },
+    )
+
+
 class IncidentSchema(Schema):
     id = fields.UUID(dump_only=True)
     title = fields.String(dump_only=True)
@@ -172,6 +184,18 @@ class EscalationSchema(Schema):
         },
     )
     status = fields.Function(lambda e: e.status.value, dump_only=True)
+    manual = fields.Boolean(
+        dump_only=True,
+        metadata={"description": "Paged now by a responder (escalate on an ESCALATING incident)"},
+    )
+    actor = fields.UUID(
+        dump_only=True, allow_none=True, metadata={"description": "The key that paged it now"}
+    )
+    reason = fields.String(
+        dump_only=True,
+        allow_none=True,
+        metadata={"description": "Why it was CANCELLED, when no transition did it"},
+    )
     notify = fields.List(fields.String(), dump_only=True)
     scheduled_at = fields.AwareDateTime(dump_only=True)
     executed_at = fields.AwareDateTime(dump_only=True, allow_none=True)

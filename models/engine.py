@@ -398,23 +398,45 @@ def execute(
         return "early"
     if timer:
         _ack_timed_out(session, incident, escalation, now, outbox)
+    _run(session, incident, escalation, now, settings, outbox)
+    return "executed"
+
+
+def _run(
+    session: Session,
+    incident: Incident,
+    escalation: Escalation,
+    now: datetime,
+    settings: EngineSettings,
+    outbox: Outbox,
+    actor: uuid.UUID | None = None,
+) -> None:
+    """Execute a step of the chain (its incident locked and escalating): the row, its timeline entry,
+    its notifications, and the next step. `actor`: the responder who paged it now (escalate_now)."""
     escalation.status = EscalationStatus.EXECUTED
     escalation.executed_at = now
     escalation.updated_at = now
+    escalation.manual = actor is not None
+    escalation.actor = actor
     lateness_ms = round((now - escalation.scheduled_at).total_seconds() * 1000, 1)
     record_event(
         session,
         incident,
         "escalation_executed",
         now,
-        actor=None,
+        actor=actor,
         from_state=incident.state,
-        data={**escalation.as_event_data(), "lateness_ms": lateness_ms},
+        data={
+            **escalation.as_event_data(),
+            "lateness_ms": lateness_ms,
+            **({"manual": True} if actor else {}),
+        },
     )
     notify.plan_level(session, incident, escalation, now, outbox)
+    how = f"paged now by {actor}" if actor else f"{lateness_ms} ms after due"
     outbox.note(
         f"[ESCALATION] EXECUTING level {escalation.escalation_level} for incident {incident.id} "
-        f"(escalation {escalation.id}, round {escalation.round}, {lateness_ms} ms after due)",
+        f"(escalation {escalation.id}, round {escalation.round}, {how})",
         incident_id=incident.id,
         escalation_id=escalation.id,
     )
@@ -425,9 +447,85 @@ def execute(
         incident.rounds_repeated += 1
         next_level, next_round = 1, escalation.round + 1
     else:
-        return "executed"
+        return
     _schedule_level(session, incident, next_level, now, settings, outbox, round_=next_round)
-    return "executed"
+
+
+class NoLevelLeft(Exception):
+    """Escalate now on an incident whose chain has run to its end: nothing is left to page."""
+
+
+def _has_passed(session: Session, incident: Incident, level: int) -> bool:
+    """Has the incident's latest round passed level `level` (executed it, or skipped it)?"""
+    of_incident = Escalation.incident_id == incident.id
+    latest = select(func.max(Escalation.round)).where(of_incident).scalar_subquery()
+    return session.scalar(
+        select(
+            select(Escalation.id)
+            .where(
+                of_incident,
+                Escalation.round == latest,
+                Escalation.escalation_level == level,
+                Escalation.status != PENDING,
+            )
+            .exists()
+        )
+    )
+
+
+def escalate_now(
+    session: Session,
+    incident: Incident,
+    level: int | None,
+    *,
+    actor: uuid.UUID,
+    settings: EngineSettings,
+    outbox: Outbox,
+) -> bool:
+    """A responder pages a level now (POST .../escalate on an incident locked by lock_incident() and
+    ESCALATING): `level`, or the lowest PENDING one as read under the lock. Levels skipped on the way
+    are CANCELLED, saying so. False, and nothing changes, when level `level` of the current round has
+    run already: two responders pressing together page once, and so do a responder and the level
+    falling due (both take the incident's lock first). Raises NoLevelLeft when nothing is pending.
+    """
+    # A chain has one step pending at most: the next one (a timer only while acknowledged).
+    found = session.execute(
+        select(Escalation, func.clock_timestamp())
+        .where(Escalation.incident_id == incident.id, Escalation.status == PENDING)
+        .with_for_update()
+    ).one_or_none()
+    if found is None:
+        if level is not None and _has_passed(session, incident, level):
+            return False
+        raise NoLevelLeft
+    pending, now = found
+    target = level or pending.escalation_level
+    if target < pending.escalation_level:
+        return False
+    if target > pending.escalation_level:
+        # The levels on the way are skipped: the pending one CANCELLED, the ones after it written
+        # CANCELLED (the chain keeps a row per level it passed), and the target written to run now.
+        reason = f"skipped: level {target} paged now"
+        pending.status, pending.updated_at, pending.reason = EscalationStatus.CANCELLED, now, reason
+        for number in range(pending.escalation_level + 1, target + 1):
+            step = Escalation(
+                id=uuid.uuid4(),
+                incident_id=incident.id,
+                escalation_level=number,
+                round=pending.round,
+                kind=EscalationKind.LEVEL,
+                status=PENDING if number == target else EscalationStatus.CANCELLED,
+                reason=None if number == target else reason,
+                notify=list(incident.policy_levels[number - 1]["notify"]),
+                scheduled_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(step)
+        pending = step
+    incident.updated_at = now  # a level paged: the incident changed, although its state did not
+    _run(session, incident, pending, now, settings, outbox, actor=actor)
+    return True
 
 
 def sweep(

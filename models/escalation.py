@@ -7,7 +7,19 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, UniqueConstraint, func, text
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    func,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base, JSONType
@@ -40,6 +52,11 @@ class Escalation(Base):
     kind: Mapped[EscalationKind] = mapped_column(
         _enum(EscalationKind, "escalation_kind"), default=EscalationKind.LEVEL, server_default="level"
     )
+    # Paged now by a responder (POST .../escalate on an escalating incident), and who: not on its timer.
+    manual: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    actor: Mapped[uuid.UUID | None] = mapped_column()
+    # Why a level was CANCELLED when no transition did it: skipped by a responder's escalate now.
+    reason: Mapped[str | None] = mapped_column(Text)
     status: Mapped[EscalationStatus] = mapped_column(
         _enum(EscalationStatus, "escalation_status"), default=EscalationStatus.PENDING
     )

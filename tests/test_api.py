@@ -54,6 +54,9 @@ ESCALATION_FIELDS = {
     "round",
     "kind",
     "status",
+    "manual",
+    "actor",
+    "reason",
     "notify",
     "scheduled_at",
     "executed_at",
@@ -284,8 +287,16 @@ def test_get_incident(client, tenant):
 # --- the four transitions -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state", STATES)
-@pytest.mark.parametrize("action", ACTIONS)
+@pytest.mark.parametrize(
+    ("state", "action"),
+    # Escalate on an ESCALATING incident pages a level now: tests of its own, below.
+    [
+        (state, action)
+        for state in STATES
+        for action in ACTIONS
+        if (state, action) != ("ESCALATING", "escalate")
+    ],
+)
 def test_every_transition_through_the_api(client, tenant, app, state, action):
     incident = in_state(client, tenant, state)
     before_events = len(events(client, tenant, incident["id"]))
@@ -327,6 +338,79 @@ def test_409_names_current_state_and_refused_transition(client, tenant):
     body = assert_error(client.post(f"/incidents/{incident['id']}/escalate", headers=tenant), 409, "Conflict")
     assert "ACKNOWLEDGED" in body["message"] and "ACKNOWLEDGED -> ESCALATING" in body["message"]
     assert body["errors"] == {"state": ["ACKNOWLEDGED"]}
+
+
+# --- escalate now: POST .../escalate on an ESCALATING incident ------------------------------------------
+
+
+def escalating_slowly(client, tenant) -> dict:
+    """An incident escalating by the slow policy: level 1 due in an hour, level 2 an hour after."""
+    incident = create(client, tenant, policy="slow")
+    act(client, tenant, incident["id"], "escalate")
+    return incident
+
+
+def test_escalate_now_pages_the_lowest_pending_level_and_the_chain_goes_on_from_it(client, tenant, app):
+    incident = escalating_slowly(client, tenant)
+    act(client, tenant, incident["id"], "escalate")
+    rows = escalations(client, tenant, incident["id"])
+    key = events(client, tenant, incident["id"])[0]["actor"]
+    assert [(e["escalation_level"], e["status"], e["manual"], e["actor"]) for e in rows] == [
+        (1, "EXECUTED", True, key),
+        (2, "PENDING", False, None),
+    ]
+    assert ts(rows[0]["executed_at"]) < ts(rows[0]["scheduled_at"])  # before its time: a person asked
+    assert ts(rows[1]["scheduled_at"]) - ts(rows[0]["executed_at"]) == HOUR
+    executed = events(client, tenant, incident["id"])[-1]
+    assert (executed["type"], executed["actor"], executed["data"]["manual"]) == (
+        "escalation_executed",
+        key,
+        True,
+    )
+
+
+def test_escalate_now_to_a_named_level_skips_the_ones_before_and_pages_it_once(client, tenant):
+    incident = escalating_slowly(client, tenant)
+    act(client, tenant, incident["id"], "escalate", level=2)
+    rows = escalations(client, tenant, incident["id"])
+    assert [(e["escalation_level"], e["status"], e["manual"], e["reason"]) for e in rows] == [
+        (1, "CANCELLED", False, "skipped: level 2 paged now"),
+        (2, "EXECUTED", True, None),
+    ]
+    timeline = events(client, tenant, incident["id"])
+    # Pressed again (by a second responder): the level has run, 200 and nothing changes.
+    for level in (2, 1):
+        act(client, tenant, incident["id"], "escalate", level=level)
+    assert escalations(client, tenant, incident["id"]) == rows
+    assert events(client, tenant, incident["id"]) == timeline
+    # The slow policy's last level has run: nothing is left to page.
+    body = assert_error(client.post(f"/incidents/{incident['id']}/escalate", headers=tenant), 409, "Conflict")
+    assert body["message"] == "Nothing left to page: every level of the incident's policy has run."
+    assert body["errors"] == {"state": ["ESCALATING"]}
+
+
+def test_escalate_now_refuses_a_level_the_policy_lacks_or_a_state_with_none(client, tenant):
+    incident = escalating_slowly(client, tenant)
+    body = assert_error(
+        client.post(f"/incidents/{incident['id']}/escalate", json={"level": 3}, headers=tenant),
+        422,
+        "Unprocessable Entity",
+    )
+    assert body["errors"] == {"json": {"level": ["The incident's policy has 2 levels."]}}
+    assert_error(
+        client.post(f"/incidents/{incident['id']}/escalate", json={"level": 0}, headers=tenant),
+        422,
+        "Unprocessable Entity",
+    )
+    opened = create(client, tenant, policy="slow")
+    body = assert_error(
+        client.post(f"/incidents/{opened['id']}/escalate", json={"level": 1}, headers=tenant),
+        422,
+        "Unprocessable Entity",
+    )
+    assert body["errors"] == {"json": {"level": ["Only an ESCALATING incident has a level to page now."]}}
+    assert [e["status"] for e in escalations(client, tenant, incident["id"])] == ["PENDING"]
+    assert get(client, tenant, f"/incidents/{opened['id']}")["state"] == "OPEN"
 
 
 def test_transition_with_a_note_records_it(client, tenant):

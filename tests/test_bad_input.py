@@ -46,7 +46,8 @@ def _documented_refusal(response) -> bool:
     checked against its channel (a deliverable email domain, a phone number its numbering plan
     allows, a URL whose host resolves to a public address), which no schema can state; a policy's
     delay (and ack timeout) matches its pattern, and must also be whole milliseconds and 7 days at most
-    (an ack timeout 1s at least)."""
+    (an ack timeout 1s at least); the level an escalate names must be one of the incident's policy, on
+    an escalating incident."""
     if response.status_code != 422:
         return False
     errors = response.json().get("errors", {}).get("json", {})
@@ -58,7 +59,8 @@ def _documented_refusal(response) -> bool:
             for messages in errors.values()
             for message in messages
         )
-    return list(errors) == ["address"]
+    # A level to page now exists only on an escalating incident, and only up to its policy's levels.
+    return list(errors) in (["address"], ["level"])
 
 
 def test_every_operation_answers_within_its_schema(web_with_every_channel, auth):

@@ -1,6 +1,6 @@
 """Concurrency: 50 conflicting transitions on one incident at once, through real HTTP (gunicorn with
 several processes and threads): the row lock lets exactly one win, the rest get 409, and exactly one
-transition is recorded."""
+transition is recorded (50 escalates: one transition, then each level paged once)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ EVENT_TYPE = {
 # action has succeeded, every other one is refused.
 SCENARIOS = {
     "open-resolve-vs-cancel": ("OPEN", ["resolve"] * 25 + ["cancel"] * 25),
-    "open-escalate-x50": ("OPEN", ["escalate"] * 50),
     "open-acknowledge-x50": ("OPEN", ["acknowledge"] * 50),
     "escalating-resolve-vs-cancel": ("ESCALATING", ["resolve"] * 25 + ["cancel"] * 25),
     "acknowledged-resolve-vs-cancel": ("ACKNOWLEDGED", ["resolve", "cancel"] * 25),
@@ -138,14 +137,35 @@ def test_fifty_conflicting_transitions_exactly_one_wins(app, base, headers, scen
         rows = session.scalars(
             select(Escalation).where(Escalation.incident_id == uuid.UUID(incident["id"]))
         ).all()
-    if scenario == "open-escalate-x50":
-        # One escalation started, not fifty.
-        assert [(r.escalation_level, r.status.value) for r in rows] == [(1, "PENDING")]
-    elif start == "ESCALATING":
+    if start == "ESCALATING":
         assert [(r.escalation_level, r.status.value) for r in rows] == [(1, "CANCELLED")]
         assert added[0].data == {"cancelled_escalations": 1}
     else:
         assert rows == []
+
+
+def test_fifty_escalates_at_once_start_one_escalation_and_page_each_level_once(app, base, headers):
+    """The first escalate starts the escalation; each of the others finds it escalating and pages the
+    lowest level pending under the lock (escalate now) until none is left: one 'escalated' entry,
+    each level of the slow policy (two) executed once, every other answer a 409."""
+    incident = prepare(base, headers, "OPEN")
+    results = fire(base, headers, incident["id"], ["escalate"] * N)
+    assert Counter(response.status_code for _, response in results) == {200: 3, 409: N - 3}
+    for _, response in results:
+        if response.status_code == 409:
+            assert response.json()["errors"] == {"state": ["ESCALATING"]}
+    added = transition_events(app, incident["id"])
+    assert [e.type for e in added] == ["escalated", "escalation_executed", "escalation_executed"]
+    with app.extensions["db"]() as session:
+        rows = session.scalars(
+            select(Escalation)
+            .where(Escalation.incident_id == uuid.UUID(incident["id"]))
+            .order_by(Escalation.escalation_level)
+        ).all()
+    assert [(r.escalation_level, r.status.value, r.manual) for r in rows] == [
+        (1, "EXECUTED", True),
+        (2, "EXECUTED", True),
+    ]
 
 
 def test_fifty_concurrent_reports_with_one_dedup_key_open_one_incident(base, headers):

@@ -1,4 +1,4 @@
-"""escalation rounds (policy `repeat`) and acknowledgement timers (policy `ack_timeout`)
+"""escalation rounds (policy `repeat`), acknowledgement timers (`ack_timeout`), escalate now
 
 Revision ID: 0008
 Revises: 0007
@@ -38,6 +38,12 @@ def upgrade() -> None:
         "incidents", sa.Column("rounds_repeated", sa.Integer(), server_default=sa.text("0"), nullable=False)
     )
     op.add_column("incidents", sa.Column("policy_ack_timeout_ms", sa.Integer(), nullable=True))
+    # Escalate now: a level paged by a responder, who, and the levels it skipped.
+    op.add_column(
+        "escalations", sa.Column("manual", sa.Boolean(), server_default=sa.false(), nullable=False)
+    )
+    op.add_column("escalations", sa.Column("actor", sa.Uuid(), nullable=True))
+    op.add_column("escalations", sa.Column("reason", sa.Text(), nullable=True))
     # A level runs once per round: the rule that kept it to once per incident now counts rounds.
     op.create_unique_constraint(
         "uq_escalations_incident_id_round_escalation_level",
@@ -61,6 +67,9 @@ def downgrade() -> None:
         "uq_escalations_incident_id_escalation_level", "escalations", ["incident_id", "escalation_level"]
     )
     op.drop_constraint("uq_escalations_incident_id_round_escalation_level", "escalations", type_="unique")
+    op.drop_column("escalations", "reason")
+    op.drop_column("escalations", "actor")
+    op.drop_column("escalations", "manual")
     op.drop_column("incidents", "policy_ack_timeout_ms")
     op.drop_column("incidents", "rounds_repeated")
     op.drop_column("incidents", "policy_repeat")

@@ -141,8 +141,8 @@ class Api:
         rec = self.call("POST", "/incidents", {"title": "fault scenario", **body})
         return rec.json_body["id"] if rec.status == 201 else None
 
-    def act(self, incident_id: str, action: str) -> RequestRecord:
-        return self.call("POST", f"/incidents/{incident_id}/{action}")
+    def act(self, incident_id: str, action: str, body: dict | None = None) -> RequestRecord:
+        return self.call("POST", f"/incidents/{incident_id}/{action}", body)
 
     def close(self) -> None:
         for session in self._sessions:

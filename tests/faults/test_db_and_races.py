@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from models.lifecycle import ALLOWED, TARGET, Action, State
+from models.lifecycle import ALLOWED, CLIENT_ACTIONS, TARGET, Action, State
 from tests.faults.stack import scale, verdict
 
 pytestmark = pytest.mark.faults
@@ -169,7 +169,7 @@ def test_s8_fifty_concurrent_conflicting_transitions(make_stack):
     stack.start(web, worker, beat)
     api = stack.client(web)
     rng = random.Random(8)
-    actions = [a.value for a in Action]
+    actions = [a.value for a in CLIENT_ACTIONS]
     won: dict[str, list[dict]] = {}
     with ThreadPoolExecutor(k) as pool:
         for index in range(m):
@@ -183,10 +183,13 @@ def test_s8_fifty_concurrent_conflicting_transitions(make_stack):
                 return action, api.act(incident_id, action)
 
             results = list(pool.map(race, [rng.choice(actions) for _ in range(k)]))
+            # Escalate on an incident escalating already pages a level now (no transition): its answer
+            # says so by an escalated_at older than the change it made.
             won[incident_id] = [
                 {"action": a, "state": r.json_body["state"], "updated_at": r.json_body["updated_at"]}
                 for a, r in results
                 if r.status == 200
+                and not (a == "escalate" and r.json_body["escalated_at"] != r.json_body["updated_at"])
             ]
             for action, r in results:
                 if r.status == 409:
@@ -262,4 +265,69 @@ def test_s10_two_beats_and_two_workers(make_stack):
         sweeps_sent=sent,
         swept_handed_over=handed,
         swept_redelivered=redelivered,
+    )
+
+
+# Scenario 23 (issue 11): escalate now racing the level falling due. Level 1 is due 2 s after the
+# escalation; as it falls due, two responders press escalate {"level": 1} together.
+ESCALATE_NOW_POLICY = """\
+default_policy: pressed
+policies:
+  pressed:
+    levels:
+      - {delay: 2s, notify: [in_app]}
+      - {delay: 1s, notify: [in_app]}
+      - {delay: 1s, notify: [in_app]}
+"""
+
+
+def test_s23_two_escalate_now_calls_race_the_level_falling_due(make_stack):
+    n = scale("s23_incidents", 60)
+    stack = make_stack(policy=ESCALATE_NOW_POLICY)
+    web, worker, beat = stack.web(), stack.worker(), stack.beat()
+    stack.start(web, worker, beat)
+    api = stack.client(web)
+    ids = stack.open_incidents(n)
+    due = dict(
+        stack.sql(
+            "SELECT incident_id::text, extract(epoch FROM scheduled_at)::float FROM escalations "
+            "WHERE escalation_level = 1"
+        )
+    )
+    rng = random.Random(23)
+
+    def two_responders(incident_id: str) -> list[int]:
+        # Each from 30 ms before to 300 ms after the moment its level 1 falls due (the database's
+        # clock is this one): some come before the worker executes it, some after (about a third).
+        time.sleep(max(0.0, due[incident_id] + rng.uniform(-0.03, 0.3) - time.time()))
+        with ThreadPoolExecutor(2) as both:
+            return list(both.map(lambda _: api.act(incident_id, "escalate", {"level": 1}).status, range(2)))
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        answers = [status for statuses in pool.map(two_responders, ids) for status in statuses]
+    waited = stack.settle(60)
+    paged, by_worker, unasked = stack.sql(
+        "SELECT count(*) FILTER (WHERE manual AND escalation_level = 1), "
+        "count(*) FILTER (WHERE NOT manual AND escalation_level = 1), "
+        "count(*) FILTER (WHERE manual AND escalation_level > 1) FROM escalations WHERE status = 'EXECUTED'"
+    )[0]
+    figures = stack.check(minimum={"incidents": n, "escalated": n, "executed": 3 * n})
+    if sorted(set(answers)) != [200]:
+        figures.violate(f"[5] escalate now answered {sorted(answers)}, not 200 each time")
+    if paged + by_worker != n:
+        figures.violate(f"[1] level 1 ran {paged} times paged now and {by_worker} on its timer, for {n}")
+    if unasked:
+        # A press for level 1 that comes after it ran changes nothing: it never pages the next level.
+        figures.violate(f"[1] {unasked} later level(s) paged now, which nobody asked for")
+    if not (paged and by_worker):
+        figures.violate(f"[0] no race: level 1 paged now {paged} times, on its timer {by_worker} times")
+    verdict(
+        "23. escalate now racing the level falling due",
+        f'two POST .../escalate {{"level": 1}} at once on each of {n} incidents from 30 ms before to 300 '
+        "ms after their level 1 fell due, the worker executing the levels as they fall due",
+        figures,
+        stack=stack,
+        settled_s=round(waited, 1),
+        level_1_paged_now=paged,
+        level_1_on_its_timer=by_worker,
     )

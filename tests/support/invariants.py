@@ -159,8 +159,8 @@ def _load(database_url: str):
             )
             incidents = cur.fetchall()
             cur.execute(
-                "SELECT id, incident_id, round, escalation_level, kind, status, notify, scheduled_at,"
-                " executed_at, published_at, task_id, created_at, updated_at FROM escalations"
+                "SELECT id, incident_id, round, escalation_level, kind, status, manual, reason, notify,"
+                " scheduled_at, executed_at, published_at, task_id, created_at, updated_at FROM escalations"
             )
             escalations = cur.fetchall()
             cur.execute(
@@ -206,6 +206,11 @@ def _duration_ms(text: str) -> int:
     return int(Decimal(match.group(1)) * UNIT_MS[match.group(2)])
 
 
+def _skipped(esc) -> bool:
+    """CANCELLED because a responder paged a later level now (escalate now), not by a transition."""
+    return esc["status"] == "CANCELLED" and (esc["reason"] or "").startswith("skipped")
+
+
 def _origin(esc, previous, escalated, acks, escs, levels, ack_timeout_ms):
     """The step (round, level) a row must be, given the row before it in the chain, and when it must
     have been created (base) and its delay after that: (step, base, delay_ms); step None if no rule
@@ -221,6 +226,9 @@ def _origin(esc, previous, escalated, acks, escs, levels, ack_timeout_ms):
         return (previous["round"] + 1, level), ack["at"], ack_timeout_ms
     if previous is None:
         return (1, 1), escalated["at"], levels[0]["delay_ms"] if levels else None
+    if _skipped(previous) and previous["updated_at"] == esc["created_at"]:
+        # A responder paged a later level now: the levels on the way were written at that moment.
+        return (previous["round"], previous["escalation_level"] + 1), None, None
     if previous["status"] != "EXECUTED" or previous["executed_at"] is None:
         return None, None, None  # nothing follows a step that did not run
     if previous["escalation_level"] < len(levels):
@@ -473,7 +481,16 @@ def check(
                 ):
                     fig.violate(f"[3] ack timeout {eid} fired without its acknowledgement standing: {fired}")
             previous = esc
-            if status == "EXECUTED":
+            if status == "EXECUTED" and esc["manual"]:
+                # Paged now by a responder: on no timer (neither late nor early), and announced by the
+                # web that ran it, not a worker. Only when it ran, and that it ran once, is checked.
+                at = esc["executed_at"]
+                if not any(a["at"] <= at and (b is None or at < b["at"]) for a, b in spans):
+                    fig.executed_after_leave += 1
+                    fig.violate(
+                        f"[3] escalation {eid} paged at {at}, while incident {iid} was not ESCALATING"
+                    )
+            elif status == "EXECUTED":
                 executed_rows[eid] = {
                     "incident": str(iid),
                     "level": esc["escalation_level"],
@@ -539,6 +556,13 @@ def check(
                         f"[2] escalation {esc['id']} (incident {iid}, step "
                         f"{(esc['round'], esc['escalation_level'])}"
                         f", {esc['kind']}) still PENDING {now - esc['scheduled_at']} after due"
+                    )
+            elif _skipped(esc):
+                # Skipped by a responder's escalate now, as it paged a later level of the round.
+                paged = [e for e in escs if e["manual"] and e["executed_at"] == esc["updated_at"]]
+                if not paged or paged[0]["round"] != esc["round"]:
+                    fig.violate(
+                        f"[3] escalation {esc['id']} skipped at {esc['updated_at']} but no level was paged"
                     )
             elif esc["status"] == "CANCELLED":
                 # Cancelled by the transition that left the state it runs in, and not overdue then.
