@@ -156,16 +156,7 @@ def test_s3_redis_flushall(make_stack):
         # carries an ETA) and keeps its held ones in memory. So the flush comes while messages wait:
         # the worker frozen (SIGSTOP: a VM pause, a stop-the-world stall) for 3 s as transitions keep
         # arriving, then FLUSHALL, then the worker goes on (SIGCONT), as the very same process.
-        with stack.outage("worker frozen, redis FLUSHALL"):
-            os.killpg(worker.process.pid, signal.SIGSTOP)
-            try:
-                time.sleep(3)
-                seen["queued"], seen["unacked"] = _queued(stack), _unacked(stack)
-                client = redis.Redis.from_url(stack.redis.url)
-                client.flushall()
-                client.close()
-            finally:
-                os.killpg(worker.process.pid, signal.SIGCONT)
+        _flush_while_frozen(stack, worker, seen, "worker frozen, redis FLUSHALL")
 
     _held_scenario(
         stack,
@@ -178,6 +169,21 @@ def test_s3_redis_flushall(make_stack):
         "meanwhile",
         after=lambda figures: flushed(figures, seen),
     )
+
+
+def _flush_while_frozen(stack, worker, seen: dict[str, int], outage: str) -> None:
+    """The worker frozen for 3 s (SIGSTOP), then Redis FLUSHALL, then the worker goes on (SIGCONT)
+    as the very same process; `seen` gets what waited in Redis when it was flushed."""
+    with stack.outage(outage):
+        os.killpg(worker.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(3)
+            seen["queued"], seen["unacked"] = _queued(stack), _unacked(stack)
+            client = redis.Redis.from_url(stack.redis.url)
+            client.flushall()
+            client.close()
+        finally:
+            os.killpg(worker.process.pid, signal.SIGCONT)
 
 
 def flushed(figures, seen: dict[str, int]) -> dict[str, int]:
@@ -215,16 +221,7 @@ def test_s21_repeat_rounds_across_a_redis_flushall(make_stack):
         time.sleep(2.5)  # round 1 done, round 2 under way
         # As in scenario 3: the worker frozen while levels arrive (the traffic's, and the next steps
         # the sweep hands over), so that the flush takes messages waiting in Redis with it.
-        with stack.outage("worker frozen, redis FLUSHALL in round 2"):
-            os.killpg(worker.process.pid, signal.SIGSTOP)
-            try:
-                time.sleep(3)
-                seen["queued"], seen["unacked"] = _queued(stack), _unacked(stack)
-                client = redis.Redis.from_url(stack.redis.url)
-                client.flushall()
-                client.close()
-            finally:
-                os.killpg(worker.process.pid, signal.SIGCONT)
+        _flush_while_frozen(stack, worker, seen, "worker frozen, redis FLUSHALL in round 2")
         time.sleep(4)  # round 3 falls due
     fault_s = time.monotonic() - started
     waited = stack.settle(60)

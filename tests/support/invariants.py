@@ -481,42 +481,36 @@ def check(
                 ):
                     fig.violate(f"[3] ack timeout {eid} fired without its acknowledgement standing: {fired}")
             previous = esc
-            if status == "EXECUTED" and esc["manual"]:
+            if status != "EXECUTED":
+                continue
+            # -- 3. nothing executed while the incident was not escalating --------------------------
+            at = esc["executed_at"]
+            if not any(a["at"] <= at and (b is None or at < b["at"]) for a, b in spans):
+                fig.executed_after_leave += 1
+                fig.violate(f"[3] escalation {eid} executed at {at}, while incident {iid} was not ESCALATING")
+            if esc["manual"]:
                 # Paged now by a responder: on no timer (neither late nor early), and announced by the
                 # web that ran it, not a worker. Only when it ran, and that it ran once, is checked.
-                at = esc["executed_at"]
-                if not any(a["at"] <= at and (b is None or at < b["at"]) for a, b in spans):
-                    fig.executed_after_leave += 1
-                    fig.violate(
-                        f"[3] escalation {eid} paged at {at}, while incident {iid} was not ESCALATING"
-                    )
-            elif status == "EXECUTED":
-                executed_rows[eid] = {
-                    "incident": str(iid),
-                    "level": esc["escalation_level"],
-                    "task": esc["task_id"],
-                }
-                lateness = esc["executed_at"] - esc["scheduled_at"]
-                latenesses.append(lateness.total_seconds())
-                latest = deadline(esc["scheduled_at"])
-                after_recovery = esc["executed_at"] - (latest - bound)
-                fig.worst_after_recovery_s = max(fig.worst_after_recovery_s, after_recovery.total_seconds())
-                _check_handover(fig, eid, esc, handover_bound_s, outages)
-                if lateness < timedelta(0):
-                    fig.violate(f"[2] escalation {eid} executed {-lateness} before it was due")
-                elif esc["executed_at"] > latest:
-                    fig.violate(
-                        f"[2] escalation {eid} executed {lateness} after due, "
-                        f"{after_recovery.total_seconds():.1f} s after it fell due or the fault under way "
-                        f"ended (bound {bound})"
-                    )
-                # -- 3. nothing executed while the incident was not escalating ----------------------
-                at = esc["executed_at"]
-                if not any(a["at"] <= at and (b is None or at < b["at"]) for a, b in spans):
-                    fig.executed_after_leave += 1
-                    fig.violate(
-                        f"[3] escalation {eid} executed at {at}, while incident {iid} was not ESCALATING"
-                    )
+                continue
+            executed_rows[eid] = {
+                "incident": str(iid),
+                "level": esc["escalation_level"],
+                "task": esc["task_id"],
+            }
+            lateness = esc["executed_at"] - esc["scheduled_at"]
+            latenesses.append(lateness.total_seconds())
+            latest = deadline(esc["scheduled_at"])
+            after_recovery = esc["executed_at"] - (latest - bound)
+            fig.worst_after_recovery_s = max(fig.worst_after_recovery_s, after_recovery.total_seconds())
+            _check_handover(fig, eid, esc, handover_bound_s, outages)
+            if lateness < timedelta(0):
+                fig.violate(f"[2] escalation {eid} executed {-lateness} before it was due")
+            elif esc["executed_at"] > latest:
+                fig.violate(
+                    f"[2] escalation {eid} executed {lateness} after due, "
+                    f"{after_recovery.total_seconds():.1f} s after it fell due or the fault under way "
+                    f"ended (bound {bound})"
+                )
         for eid, n_runs in runs.items():
             fig.duplicated += n_runs
             fig.violate(f"[1] incident {iid}: {n_runs} execution event(s) of unknown escalation {eid}")
