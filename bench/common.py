@@ -481,8 +481,32 @@ def send_tasks(name: str, queue: str, calls) -> None:
 
 
 def publish_escalations(bench: Bench, rows) -> None:
-    """What tasks.escalation.deliver does after commit: one ETA task per escalation."""
-    calls = ({"args": (str(e),), "task_id": task_id, "eta": eta} for e, task_id, eta in rows)
+    """What the engine and tasks.escalation.deliver do for (id, task_id, scheduled_at) rows handed
+    over in one transaction: rows due within one batch window share a message, and its task id."""
+    from datetime import UTC, datetime
+
+    from psycopg2.extras import execute_values
+
+    from models.engine import EngineSettings, Outbox
+
+    outbox, settings, now = Outbox(), EngineSettings(), datetime.now(UTC)
+    task_ids = [(str(e), outbox.hand_over(e, due, now, settings)) for e, _task_id, due in rows]
+    conn = bench.connect()
+    try:
+        with conn, conn.cursor() as cur:
+            execute_values(
+                cur,
+                "UPDATE escalations SET task_id = v.task_id FROM (VALUES %s) v (id, task_id) "
+                "WHERE escalations.id = CAST(v.id AS uuid)",
+                task_ids,
+                page_size=1000,
+            )
+    finally:
+        conn.close()
+    calls = (
+        {"args": ([str(e) for e in m.escalation_ids],), "task_id": m.task_id, "eta": m.eta}
+        for m in outbox.publish
+    )
     send_tasks("escalations.execute", bench.queue, calls)
 
 

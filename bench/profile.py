@@ -117,11 +117,13 @@ def main(token: str, count: int, start: int, repeats: int) -> dict:
 
 
 def worker(app, count: int, repeats: int) -> dict:
-    """CPU per escalation of the task body (what a prefork child does), pre-ping on and off."""
+    """CPU per escalation of the task body (what a prefork child does), in messages of the engine's
+    batch size, pre-ping on and off."""
     from sqlalchemy import text
 
     from bench.exec_rate import LEVELS
-    from tasks.escalation import execute_escalation
+    from models.engine import EngineSettings
+    from tasks.escalation import execute_escalations
 
     engine = app.extensions["db"].kw["bind"]
     rounds: dict[str, list[float]] = {"task body as is": [], "task body, no pool pre-ping": []}
@@ -152,8 +154,10 @@ def worker(app, count: int, repeats: int) -> dict:
                 )
             _use(app)
             started = time.process_time()
-            for escalation_id in ids:
-                assert execute_escalation(escalation_id) == "executed"
+            size = EngineSettings().batch_size
+            for first in range(0, len(ids), size):
+                batch = ids[first : first + size]
+                assert execute_escalations(batch) == {"executed": len(batch)}
             rounds[name].append((time.process_time() - started) * 1000 / max(1, len(ids)))
     engine.pool._pre_ping = True
     return {"cpu_ms": {name: statistics.median(values) for name, values in rounds.items()}}

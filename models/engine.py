@@ -8,7 +8,9 @@ always incident, then escalation: the API and the worker take it the same way, s
 
 from __future__ import annotations
 
+import math
 import uuid
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -35,33 +37,51 @@ class EngineSettings:
     # A delivered escalation still PENDING this long after it was due is taken as lost by the broker.
     redelivery_grace_s: float = 30.0
     sweep_batch: int = 500
+    # Levels falling due within one window of this many seconds travel in one broker message and run
+    # in one transaction, up to batch_size of them: in a storm a Celery task and a commit per level
+    # cost more than the level itself (docs/BENCHMARKS.md). The window is the most a level waits
+    # for the others of its message.
+    batch_window_s: float = 0.1
+    batch_size: int = 100
     # A tenant's active incidents (not resolved or cancelled) at most; 0: no quota.
     max_active_incidents: int = 10_000
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """An escalation to hand to the broker after commit."""
+@dataclass
+class Message:
+    """One ETA task for the broker: escalations falling due within one batch window, executed
+    together when the last of them is due (its eta). Each row carries the message's task id."""
 
-    escalation_id: uuid.UUID
-    incident_id: uuid.UUID
-    level: int
     task_id: str
     eta: datetime
+    escalation_ids: list[uuid.UUID] = field(default_factory=list)
 
 
 @dataclass
 class Outbox:
     """What the broker must be told once the transaction has committed, and what to log then."""
 
-    publish: list[Delivery] = field(default_factory=list)
+    publish: list[Message] = field(default_factory=list)
     # Contacts with notifications to deliver: each one's deliverer is woken (models/notify.py).
     wake: set[uuid.UUID] = field(default_factory=set)
     # (message, ids) to log: the ids (incident_id, escalation_id) go into a JSON line's fields.
     log: list[tuple[str, dict[str, uuid.UUID]]] = field(default_factory=list)
+    # The message still taking escalations, by batch window (None: already due).
+    _open: dict[int | None, Message] = field(default_factory=dict)
 
     def note(self, message: str, **ids: uuid.UUID) -> None:
         self.log.append((message, ids))
+
+    def hand_over(self, escalation_id: uuid.UUID, due: datetime, now: datetime, settings) -> str:
+        """Put an escalation due at `due` into the message of its batch window; returns its task id."""
+        window = None if due <= now else math.ceil(due.timestamp() / settings.batch_window_s)
+        message = self._open.get(window)
+        if message is None or len(message.escalation_ids) >= settings.batch_size:
+            message = self._open[window] = Message(str(uuid.uuid4()), due)
+            self.publish.append(message)
+        message.escalation_ids.append(escalation_id)
+        message.eta = max(message.eta, due)
+        return message.task_id
 
 
 def db_now(session: Session) -> datetime:
@@ -161,19 +181,10 @@ def _count_active(session: Session, tenant: str, up_to: int) -> int:
     return session.scalar(select(func.count()).select_from(active.limit(up_to).subquery()))
 
 
-def _hand_over(escalation: Escalation, now: datetime, outbox: Outbox, task_id: str | None = None):
-    """Mark the escalation as handed to the broker now and queue the publish for after commit."""
-    escalation.task_id = task_id or str(uuid.uuid4())
+def _hand_over(escalation: Escalation, now: datetime, outbox: Outbox, settings: EngineSettings) -> None:
+    """Mark the escalation as handed to the broker now, in its batch's message, published after commit."""
+    escalation.task_id = outbox.hand_over(escalation.id, escalation.scheduled_at, now, settings)
     escalation.published_at = now
-    outbox.publish.append(
-        Delivery(
-            escalation.id,
-            escalation.incident_id,
-            escalation.escalation_level,
-            escalation.task_id,
-            escalation.scheduled_at,
-        )
-    )
 
 
 def _schedule_level(
@@ -204,7 +215,7 @@ def _schedule_level(
     )
     session.add(escalation)
     if escalation.scheduled_at <= base + timedelta(seconds=settings.eta_horizon_s):
-        _hand_over(escalation, base, outbox)
+        _hand_over(escalation, base, outbox, settings)
     what = "the acknowledgement's timer, then level" if kind is EscalationKind.ACK_TIMEOUT else "level"
     outbox.note(
         f"[ESCALATION] Scheduled {what} {level} for incident {incident.id} at "
@@ -355,32 +366,62 @@ def _ack_timed_out(
 
 def execute(
     session: Session,
-    escalation_id: uuid.UUID,
+    escalation_ids: list[uuid.UUID],
+    task_id: str | None,
+    settings: EngineSettings,
+    outbox: Outbox,
+) -> Counter[str]:
+    """Execute each of the escalations of one message that, under lock, is still due and whose
+    incident is still escalating, in one transaction.
+
+    Counts what happened to them: 'executed', 'duplicate' (not PENDING any more: another delivery did
+    it, or it was cancelled), 'cancelled' (the incident left ESCALATING), 'early' (handed back with its
+    ETA), 'stale' (an early copy that is not the current delivery) or 'missing'.
+    """
+    # The incidents first, in id order, then their escalations with the database clock, read once
+    # the incident locks are held. The API locks one incident and then its escalations; any two
+    # batches take their common incidents in the same order: no lock order can deadlock.
+    incidents = {
+        incident.id: incident
+        for incident in session.scalars(
+            select(Incident)
+            .where(Incident.id.in_(select(Escalation.incident_id).where(Escalation.id.in_(escalation_ids))))
+            .order_by(Incident.id)
+            .with_for_update(**INCIDENT_LOCK)
+        )
+    }
+    rows = session.execute(
+        # One clock for the whole batch (an InitPlan: read once, as the statement starts).
+        select(Escalation, select(func.clock_timestamp()).scalar_subquery())
+        .where(Escalation.id.in_(escalation_ids))
+        .order_by(Escalation.id)
+        .with_for_update()
+    ).all()
+    outcomes: Counter[str] = Counter(missing=len(escalation_ids) - len(rows))
+    for escalation, now in rows:
+        outcome = _execute_one(
+            session, incidents[escalation.incident_id], escalation, now, task_id, settings, outbox
+        )
+        outcomes[outcome] += 1
+        if outcome not in ("executed", "early"):
+            outbox.note(
+                f"[ESCALATION] escalation {escalation.id}: {outcome}, nothing to do",
+                incident_id=escalation.incident_id,
+                escalation_id=escalation.id,
+            )
+    return +outcomes
+
+
+def _execute_one(
+    session: Session,
+    incident: Incident,
+    escalation: Escalation,
+    now: datetime,
     task_id: str | None,
     settings: EngineSettings,
     outbox: Outbox,
 ) -> str:
-    """Execute one escalation if, under lock, it is still due and its incident still escalating.
-
-    Returns what happened: 'executed', 'duplicate' (not PENDING any more: another delivery did it, or
-    it was cancelled), 'cancelled' (the incident left ESCALATING), 'early' (handed back with its
-    ETA), 'stale' (an early copy that is not the current delivery) or 'missing'.
-    """
-    # Two statements, in the API's lock order: the incident (found through the escalation), then the
-    # escalation with the database clock, read after the incident lock is held.
-    incident = session.scalars(
-        select(Incident)
-        .where(
-            Incident.id
-            == select(Escalation.incident_id).where(Escalation.id == escalation_id).scalar_subquery()
-        )
-        .with_for_update(**INCIDENT_LOCK)
-    ).one_or_none()
-    if incident is None:
-        return "missing"
-    escalation, now = session.execute(
-        select(Escalation, func.clock_timestamp()).where(Escalation.id == escalation_id).with_for_update()
-    ).one()
+    """One escalation of execute(), its incident and itself locked."""
     if escalation.status is not PENDING:
         return "duplicate"
     timer = escalation.kind is EscalationKind.ACK_TIMEOUT
@@ -394,7 +435,7 @@ def execute(
         # Delivered early (a worker clock ahead of the database's, or a sweep): hand it back once.
         if task_id != escalation.task_id:
             return "stale"
-        _hand_over(escalation, now, outbox, task_id=task_id)
+        _hand_over(escalation, now, outbox, settings)
         return "early"
     if timer:
         _ack_timed_out(session, incident, escalation, now, outbox)
@@ -569,21 +610,20 @@ def sweep(
         .with_for_update(skip_locked=True)
     ).all()
     for escalation in rows:
-        _hand_over(escalation, now, outbox)
+        _hand_over(escalation, now, outbox, settings)
     return len(rows), sum(1 for escalation in rows if escalation.scheduled_at < now)
 
 
-def forget_publish(session: Session, failed: list[Delivery]) -> None:
-    """Clear published_at of deliveries the broker refused, so the next sweep takes them at once.
-
-    Only where the row still carries that delivery's task id: a newer delivery is left alone.
-    """
-    for delivery in failed:
+def forget_publish(session: Session, failed: list[Message]) -> None:
+    """Clear published_at of escalations whose message the broker refused, so the next sweep takes
+    them at once. Only where the row still carries that message's task id: a newer delivery is left
+    alone."""
+    for message in failed:
         session.execute(
             update(Escalation)
             .where(
-                Escalation.id == delivery.escalation_id,
-                Escalation.task_id == delivery.task_id,
+                Escalation.id.in_(message.escalation_ids),
+                Escalation.task_id == message.task_id,
                 Escalation.status == PENDING,
             )
             .values(published_at=None),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 
 from celery import shared_task
 from flask import current_app
@@ -54,10 +55,10 @@ def deliver(outbox: Outbox) -> bool:
     if outbox.publish and _broker_resting():
         _forget_publish(outbox.publish)
         return False
-    for index, delivery in enumerate(outbox.publish):
+    for index, message in enumerate(outbox.publish):
         try:
-            execute_escalation.apply_async(
-                (str(delivery.escalation_id),), task_id=delivery.task_id, eta=delivery.eta
+            execute_escalations.apply_async(
+                ([str(i) for i in message.escalation_ids],), task_id=message.task_id, eta=message.eta
             )
         except Exception as exc:  # noqa: BLE001 - any broker failure means: leave it to the sweep
             _broker_failed("publish", len(outbox.publish) - index, exc)
@@ -70,7 +71,7 @@ def deliver(outbox: Outbox) -> bool:
     return True
 
 
-def _forget_publish(failed: list[engine.Delivery]) -> None:
+def _forget_publish(failed: list[engine.Message]) -> None:
     try:
         with current_app.extensions["db"].begin() as session:
             engine.forget_publish(session, failed)
@@ -87,26 +88,45 @@ def _forget_publish(failed: list[engine.Delivery]) -> None:
     retry_jitter=True,
     max_retries=20,
 )
-def execute_escalation(self, escalation_id: str) -> str:
-    """Execute one escalation level if it is still due, then schedule the next one."""
+def execute_escalations(self, escalation_ids: list[str] | str) -> dict[str, int]:
+    """Execute the escalations of one message that are still due, and schedule their next levels.
+
+    A message published before messages carried batches names one escalation, not a list.
+    """
+    ids = [uuid.UUID(i) for i in ([escalation_ids] if isinstance(escalation_ids, str) else escalation_ids)]
+    try:
+        outcomes = _execute(ids, self.request.id)
+    except (DBAPIError, PoolTimeoutError):
+        raise  # the whole message is retried (autoretry_for): the database was the trouble
+    except Exception:
+        if len(ids) == 1:
+            raise
+        # One bad escalation must not hold up the others of its message: each in a transaction of
+        # its own. The task fails once the others are done, and the sweep hands the failing ones
+        # over again after the redelivery grace.
+        logger.exception("[ESCALATION] a batch of %d escalations failed: executing them one by one", len(ids))
+        outcomes, failed = Counter(), []
+        for one in ids:
+            try:
+                outcomes.update(_execute([one], self.request.id))
+            except Exception:  # noqa: BLE001 - logged here, the task fails below
+                logger.exception("[ESCALATION] escalation %s failed", one, extra={"escalation_id": one})
+                failed.append(one)
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(ids)} escalations failed") from None
+    if outcomes["missing"]:
+        logger.warning(
+            "[ESCALATION] %d escalation(s) of task %s not found", outcomes["missing"], self.request.id
+        )
+    return dict(outcomes)
+
+
+def _execute(ids: list[uuid.UUID], task_id: str) -> Counter[str]:
     outbox = Outbox()
     with current_app.extensions["db"].begin() as session:
-        outcome = engine.execute(
-            session,
-            uuid.UUID(escalation_id),
-            self.request.id,
-            current_app.extensions["engine_settings"],
-            outbox,
-        )
+        outcomes = engine.execute(session, ids, task_id, current_app.extensions["engine_settings"], outbox)
     deliver(outbox)
-    if outcome not in ("executed", "early"):
-        logger.info(
-            "[ESCALATION] escalation %s: %s, nothing to do",
-            escalation_id,
-            outcome,
-            extra={"escalation_id": escalation_id},
-        )
-    return outcome
+    return outcomes
 
 
 def _broker_lost_its_data() -> bool:

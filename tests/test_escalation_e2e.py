@@ -8,6 +8,7 @@ that neither worker's sweep hands the other's escalations to its broker)."""
 from __future__ import annotations
 
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
@@ -360,6 +361,56 @@ def test_the_same_task_delivered_ten_times_executes_once(http):
     act(http, incident["id"], "resolve")
 
 
+# Level 2 without its "notify": scheduling it fails.
+CORRUPT_LEVELS = '[{"delay_ms": 0, "notify": ["in_app"]}, {"delay_ms": 1000}]'
+
+
+def test_one_message_runs_the_levels_it_carries_and_a_broken_one_holds_up_none_of_the_others(http):
+    """A message carries a batch. An escalation whose step fails (here: its incident's stored levels
+    are corrupt, so its next level cannot be scheduled) fails its batch's transaction; the worker
+    then runs the others one by one, and only the broken one stays PENDING, for the sweep."""
+    from sqlalchemy import text
+
+    incidents = [create(http, policy="slow") for _ in range(3)]
+    for incident in incidents:
+        act(http, incident["id"], "escalate")
+    ids = [escalations(http, i["id"])[0]["id"] for i in incidents]
+    with http.db.begin() as session:
+        session.execute(
+            text("UPDATE escalations SET scheduled_at = now() WHERE id = ANY(CAST(:ids AS uuid[]))"),
+            {"ids": ids},
+        )
+        session.execute(
+            text("UPDATE incidents SET policy_levels = CAST(:levels AS JSONB) WHERE id = CAST(:id AS uuid)"),
+            {
+                "levels": '[{"delay_ms": 0, "notify": ["in_app"]}, {"delay_ms": 1000}]',
+                "id": incidents[2]["id"],
+            },
+        )
+    http.publish("escalations.execute", ids[:2] + [str(uuid.uuid4())])
+    first = [wait_statuses(http, i["id"], ["EXECUTED", "PENDING"]) for i in incidents[:2]]
+    # One transaction: one clock for both.
+    assert first[0][0]["executed_at"] == first[1][0]["executed_at"]
+    for incident in incidents[:2]:
+        act(http, incident["id"], "resolve")
+
+    more = [create(http, policy="slow") for _ in range(2)]
+    for incident in more:
+        act(http, incident["id"], "escalate")
+    good = [escalations(http, i["id"])[0]["id"] for i in more]
+    with http.db.begin() as session:
+        session.execute(
+            text("UPDATE escalations SET scheduled_at = now() WHERE id = ANY(CAST(:ids AS uuid[]))"),
+            {"ids": good},
+        )
+    http.publish("escalations.execute", [good[0], ids[2], good[1]])
+    for incident in more:
+        wait_statuses(http, incident["id"], ["EXECUTED", "PENDING"])
+        act(http, incident["id"], "resolve")
+    assert [e["status"] for e in escalations(http, incidents[2]["id"])] == ["PENDING"]
+    act(http, incidents[2]["id"], "cancel")
+
+
 def test_two_sweeps_at_once_take_disjoint_rows(http):
     """SKIP LOCKED: concurrent sweeps never hand the same escalation over twice."""
     import threading
@@ -394,7 +445,8 @@ def test_two_sweeps_at_once_take_disjoint_rows(http):
                 outbox = engine.Outbox()
                 with session.begin():
                     handed, _ = engine.sweep(session, settings, outbox)
-                    taken[slot].extend(d.escalation_id for d in outbox.publish if str(d.escalation_id) in ids)
+                    handed = [e for message in outbox.publish for e in message.escalation_ids]
+                    taken[slot].extend(e for e in handed if str(e) in ids)
                 if not handed:
                     return
 

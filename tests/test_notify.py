@@ -98,7 +98,7 @@ def execute_level(db, tenant, incident_id=None, notify_override=None) -> tuple[u
             .returning(Escalation.id)
         )
     with db.begin() as session:
-        assert engine.execute(session, escalation_id, None, SETTINGS, outbox) == "executed"
+        assert engine.execute(session, [escalation_id], None, SETTINGS, outbox) == {"executed": 1}
     return incident_id, outbox
 
 

@@ -548,9 +548,10 @@ class Stack:
         return frozenset(m.group(1) for text in self.worker_logs() for m in pattern.finditer(text))
 
     def _unannounced_allowed(self) -> int:
-        """EXECUTING lines that may be missing: one per pool process of each worker killed (on purpose
-        or not: an unintended exit fails the scenario anyway), every pool process for each kill -9 of
-        Postgres (a commit that took effect while its client saw the connection drop)."""
+        """Transactions (each a batch of levels) whose EXECUTING lines may be missing: one per pool
+        process of each worker killed (on purpose or not: an unintended exit fails the scenario
+        anyway), every pool process for each kill -9 of Postgres (a commit that took effect while its
+        client saw the connection drop)."""
 
         def concurrency(proc: processes.Process) -> int:
             return int(proc.cmd[proc.cmd.index("--concurrency") + 1])

@@ -1,0 +1,139 @@
+"""Batches: the levels falling due within one window travel in one broker message and run in one
+transaction (models/engine.py). On the real Postgres, each step called as the task calls it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, text
+
+from models import engine
+from models.engine import EngineSettings, Outbox
+from models.escalation import Escalation
+from models.incident import Incident
+from models.lifecycle import Action
+from models.policy import parse_policies
+
+POLICIES = parse_policies(
+    {
+        "default_policy": "two",
+        "policies": {
+            "two": {"levels": [{"delay": "1h", "notify": ["in_app"]}, {"delay": "2s", "notify": ["in_app"]}]}
+        },
+    }
+)
+SETTINGS = EngineSettings(batch_window_s=0.1, batch_size=3)
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def test_escalations_due_within_one_window_share_a_message_of_at_most_the_batch_size():
+    outbox = Outbox()
+    ids = [uuid.uuid4() for _ in range(7)]
+    due = [
+        T0 - timedelta(seconds=5),  # already due: with the other due one, whatever their times
+        T0 - timedelta(seconds=1),
+        T0 + timedelta(milliseconds=10),  # one window...
+        T0 + timedelta(milliseconds=90),
+        T0 + timedelta(milliseconds=150),  # ...the next
+        T0 + timedelta(milliseconds=20),  # the first window again, and full at three
+        T0 + timedelta(milliseconds=30),  # so a second message for that window
+    ]
+    task_ids = [outbox.hand_over(i, d, T0, SETTINGS) for i, d in zip(ids, due, strict=True)]
+    groups = [(m.escalation_ids, m.eta) for m in outbox.publish]
+    assert groups == [
+        (ids[0:2], due[1]),
+        ([ids[2], ids[3], ids[5]], due[3]),  # sent when the last of them is due
+        ([ids[4]], due[4]),
+        ([ids[6]], due[6]),
+    ]
+    by_message = {m.task_id: m.escalation_ids for m in outbox.publish}
+    assert all(i in by_message[t] for i, t in zip(ids, task_ids, strict=True))
+
+
+@pytest.fixture(scope="module")
+def db(migrated_database):
+    """This module's own database: no worker executes what these tests write."""
+    from models.db import make_engine, make_session_factory
+
+    factory = make_session_factory(make_engine(migrated_database("batches_unit"), pool_size=4))
+    yield factory
+    factory.kw["bind"].dispose()
+
+
+def escalating(db, count: int) -> list[uuid.UUID]:
+    """`count` incidents escalated by POLICIES, their level 1 made due a second ago; level 1's ids."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    with db.begin() as session:
+        for _ in range(count):
+            incident, _ = engine.report(
+                session, Incident(id=uuid.uuid4(), tenant=tenant, title="Disk full"), actor=None
+            )
+            engine.transition(
+                session, incident, Action.ESCALATE, actor=None, policies=POLICIES, settings=SETTINGS,
+                outbox=Outbox(),
+            )  # fmt: skip
+        return list(
+            session.scalars(
+                text(
+                    "UPDATE escalations SET scheduled_at = clock_timestamp() - interval '1 second' "
+                    "WHERE incident_id IN (SELECT id FROM incidents WHERE tenant = :tenant) RETURNING id"
+                ),
+                {"tenant": tenant},
+            )
+        )
+
+
+def rows(db, ids) -> list[Escalation]:
+    with db() as session:
+        return list(session.scalars(select(Escalation).where(Escalation.id.in_(ids))))
+
+
+def test_one_transaction_executes_every_level_of_its_message_and_schedules_the_next_ones_together(db):
+    ids = escalating(db, 4)
+    with db.begin() as session:  # one incident resolved: its level is cancelled with it
+        resolved = session.scalar(select(Incident).join(Escalation).where(Escalation.id == ids[3]))
+        engine.lock_incident(session, resolved.id)
+        engine.transition(
+            session, resolved, Action.RESOLVE, actor=None, policies=POLICIES, settings=SETTINGS,
+            outbox=Outbox(),
+        )  # fmt: skip
+    outbox = Outbox()
+    with db.begin() as session:
+        outcomes = engine.execute(session, [*ids, uuid.uuid4()], None, SETTINGS, outbox)
+    assert outcomes == {"executed": 3, "duplicate": 1, "missing": 1}
+    executed = [r for r in rows(db, ids) if r.status == "EXECUTED"]
+    assert len({r.executed_at for r in executed}) == 1  # one transaction, one clock
+    # Their level 2s fall due together: one message (batch_size 3) carries them, each row its task id.
+    [message] = outbox.publish
+    level2 = rows(db, message.escalation_ids)
+    assert sorted(r.incident_id for r in level2) == sorted(r.incident_id for r in executed)
+    assert {(r.escalation_level, r.status, r.task_id) for r in level2} == {(2, "PENDING", message.task_id)}
+    assert message.eta == max(r.scheduled_at for r in level2)
+    lines = [line for line, _ids in outbox.log if "EXECUTING level 1" in line]
+    assert len(lines) == 3
+
+    # The same message again (the broker's redelivery): nothing runs twice.
+    with db.begin() as session:
+        assert engine.execute(session, ids, None, SETTINGS, Outbox()) == {"duplicate": 4}
+
+
+def test_an_early_level_of_a_batch_is_handed_back_only_by_its_own_message(db):
+    ids = escalating(db, 2)
+    with db.begin() as session:
+        session.execute(
+            text(
+                "UPDATE escalations SET scheduled_at = clock_timestamp() + interval '1 minute', "
+                "task_id = 'current' WHERE id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        )
+    with db.begin() as session:
+        assert engine.execute(session, ids, "an older copy", SETTINGS, Outbox()) == {"stale": 2}
+    outbox = Outbox()
+    with db.begin() as session:
+        assert engine.execute(session, ids, "current", SETTINGS, outbox) == {"early": 2}
+    [message] = outbox.publish
+    assert sorted(message.escalation_ids) == sorted(ids)
+    assert {r.task_id for r in rows(db, ids)} == {message.task_id}
