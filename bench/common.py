@@ -380,6 +380,14 @@ def machine_busy() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
+def server_pids(bench: Bench) -> dict[str, int]:
+    """The shared Postgres's postmaster and Redis server, to meter with CpuMeter (Postgres's
+    backends are the postmaster's children)."""
+    data_directory = bench.sql("SHOW data_directory", fetch=True)[0][0]
+    postmaster = int(Path(data_directory, "postmaster.pid").read_text().split()[0])
+    return {"postgres": postmaster, "redis": int(redis_client().info("server")["process_id"])}
+
+
 class CpuMeter:
     """CPU used by some process trees and by the whole machine over a `with` block."""
 

@@ -15,6 +15,7 @@ from bench.common import (
     publish_escalations,
     publish_noop,
     seed_escalating,
+    server_pids,
 )
 
 # Level 1 is due; level 2 an hour out (beyond the horizon: inserted, not published). So each
@@ -45,11 +46,17 @@ def drain(bench: Bench, task: str, count: int, timeout_s: float, concurrency: in
     }
 
 
-def drain_escalations(bench: Bench, count: int, timeout_s: float, concurrency: int = 2) -> dict:
-    """Start a worker on a queue holding `count` due escalations (in the engine's batch messages);
-    executions/s from the first to the last, as Postgres recorded them (a task runs a batch)."""
+def drain_escalations(
+    bench: Bench, count: int, timeout_s: float, concurrency: int = 2, workers: int = 1
+) -> dict:
+    """Start `workers` workers on a queue holding `count` due escalations (in the engine's batch
+    messages); executions/s from the first to the last, as Postgres recorded them (a task runs a
+    batch)."""
     since = bench.sql("SELECT clock_timestamp()", fetch=True)[0][0]
-    proc = bench.worker(f"rate-escalations-{concurrency}", app=APP, concurrency=concurrency)
+    procs = [
+        bench.worker(f"rate-escalations-{concurrency}-{k}of{workers}", app=APP, concurrency=concurrency)
+        for k in range(workers)
+    ]
 
     def executed():
         return bench.sql(
@@ -59,22 +66,35 @@ def drain_escalations(bench: Bench, count: int, timeout_s: float, concurrency: i
             fetch=True,
         )[0]
 
-    with CpuMeter(w=proc.process.pid) as meter:
+    def commits() -> int:
+        return bench.sql(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()", fetch=True
+        )[0][0]
+
+    committed = commits()
+    metered = {**{f"w{k}": p.process.pid for k, p in enumerate(procs)}, **server_pids(bench)}
+    with CpuMeter(**metered) as meter:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and executed()[0] < count:
             time.sleep(0.5)
-    bench.stop(proc)
-    runs = [
-        line
-        for line in log_lines(proc.log_path, "Task escalations.execute[", proc._offset)
-        if "succeeded in" in line
-    ]
+    # The statistics collector reports a backend's commits within half a second or so.
+    time.sleep(1)
+    committed = commits() - committed
+    runs = 0
+    for proc in procs:
+        bench.stop(proc)
+        lines = log_lines(proc.log_path, "Task escalations.execute[", proc._offset)
+        runs += sum(1 for line in lines if "succeeded in" in line)
     done, span = executed()
     return {
         "executions": done,
-        "tasks": len(runs),
+        "tasks": runs,
         "rate": (done - 1) / float(span) if span else float("nan"),
-        "cpu_ms": 1000 * meter.cpu["w"] / max(1, done),
+        "cpu_ms": 1000 * sum(cpu for name, cpu in meter.cpu.items() if name.startswith("w")) / max(1, done),
+        "postgres_cpu_ms": 1000 * meter.cpu["postgres"] / max(1, done),
+        "redis_cpu_ms": 1000 * meter.cpu["redis"] / max(1, done),
+        # Every commit in this database while it ran (the bench's own polling included, one a 0.5 s).
+        "commits_per_execution": committed / max(1, done),
         "machine_busy": meter.machine,
     }
 
@@ -107,10 +127,16 @@ def run(cfg, run_id: str, log_dir) -> dict:
                 run["escalation_more"] = drain_escalations(
                     bench, len(rows), timeout_s=600, concurrency=cfg.rate_concurrency
                 )
+            # The same escalations drained by 1, 2 and 4 workers (each --concurrency 2).
+            for workers in cfg.rate_workers:
+                rows = queue_due_escalations(bench, cfg.rate_escalations)
+                run[f"workers{workers}"] = drain_escalations(bench, len(rows), timeout_s=600, workers=workers)
             runs.append(run)
-    kinds = ("escalation", "noop", "escalation_more") if cfg.rate_concurrency else ("escalation", "noop")
+    kinds = ["escalation", "noop"] + (["escalation_more"] if cfg.rate_concurrency else [])
+    kinds += [f"workers{workers}" for workers in cfg.rate_workers]
     summary = {
-        kind: {key: median([r[kind][key] for r in runs]) for key in ("rate", "cpu_ms", "machine_busy")}
+        kind: {key: median([r[kind][key] for r in runs]) for key in runs[0][kind] if key != "tasks"}
+        | {"tasks": runs[0][kind]["tasks"]}
         for kind in kinds
     }
     return {
@@ -119,4 +145,5 @@ def run(cfg, run_id: str, log_dir) -> dict:
         "escalations": cfg.rate_escalations,
         "noops": cfg.rate_noops,
         "more_concurrency": cfg.rate_concurrency,
+        "workers": list(cfg.rate_workers),
     }

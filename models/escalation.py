@@ -78,6 +78,12 @@ class Escalation(Base):
             "scheduled_at",
             postgresql_where=text("status = 'PENDING'"),
         ),
+        # The sweep's first look: rows never handed to the broker, without walking those in flight.
+        Index(
+            "ix_escalations_unpublished_scheduled_at",
+            "scheduled_at",
+            postgresql_where=text("status = 'PENDING' AND published_at IS NULL"),
+        ),
         # The metrics read the few rows executed since their rollup's watermark (models/metrics.py).
         Index(
             "ix_escalations_executed_at",
