@@ -105,6 +105,10 @@ class Bench:
         cfg.attributes["database_url"] = self.database_url
         cfg.attributes["configure_logger"] = False
         command.upgrade(cfg, "head")
+        # The sweep's sentinel, as a deployment that has been running keeps it in Redis: without it,
+        # a worker's first sweep takes Redis for one that lost its data and hands over again every
+        # level in flight (tasks/escalation.py), which a deploy never does.
+        redis_client().set(f"{self.queue}:sweep-sentinel", "set by the bench")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,7 +18,17 @@ from pathlib import Path
 
 from tests.support.servers import PROJECT_ROOT
 
-MEASUREMENTS = ("throughput", "storm", "exec_rate", "memory", "sweep", "cancel", "delivery", "profile")
+MEASUREMENTS = (
+    "throughput",
+    "storm",
+    "exec_rate",
+    "fairness",
+    "memory",
+    "sweep",
+    "cancel",
+    "delivery",
+    "profile",
+)
 
 
 @dataclass
@@ -42,6 +52,12 @@ class Config:
     rate_noops: int = 4_000
     rate_concurrency: int = 8  # an extra escalation run with this many children (0: none)
     rate_workers: list[int] = field(default_factory=lambda: [1, 2, 4])  # worker processes, scaling
+    # Fairness: one worker's capacity measured on fair_probe due escalations; then one tenant's storm
+    # at fair_factor times it for fair_window s, and fair_lone escalations of another tenant through it.
+    fair_probe: int = 5_000
+    fair_factor: float = 3
+    fair_window: float = 10
+    fair_lone: int = 100
     memory_far: list[int] = field(default_factory=lambda: [10_000, 100_000])
     memory_near: int = 10_000
     sweep_rows: int = 1_000_000
@@ -69,6 +85,9 @@ QUICK = dict(
     rate_escalations=2_000,
     rate_noops=1_000,
     rate_workers=[1, 2],
+    fair_probe=2_000,
+    fair_window=5,
+    fair_lone=50,
     memory_far=[1_000, 10_000],
     memory_near=1_000,
     sweep_rows=100_000,
@@ -94,6 +113,9 @@ SMOKE = dict(
     rate_noops=100,
     rate_concurrency=0,
     rate_workers=[2],
+    fair_probe=40,
+    fair_window=2,
+    fair_lone=10,
     memory_far=[500],
     memory_near=100,
     sweep_rows=20_000,

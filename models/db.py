@@ -39,6 +39,9 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 10
         max_overflow=pool_size,
         pool_timeout=3,
         pool_pre_ping=True,
+        # An UPDATE of many rows (a batch of escalations executed in one transaction) goes out in
+        # pages of statements, one round trip each, instead of one round trip per row.
+        executemany_mode="values_plus_batch",
         # Error logs name the statement, never its values: titles, notes and addresses are the
         # tenants' data.
         hide_parameters=True,

@@ -15,7 +15,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, false, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,6 +44,12 @@ class EngineSettings:
     # for the others of its message.
     batch_window_s: float = 0.1
     batch_size: int = 100
+    # A level this late (seconds) is late because the workers are behind: a batch with room takes it
+    # besides its own, the oldest late one of each tenant first, so one tenant's storm cannot hold
+    # another tenant's level behind its backlog. Only levels late by less than late_after_s +
+    # late_window_s are looked at: the look stays cheap however long the backlog.
+    late_after_s: float = 0.5
+    late_window_s: float = 3.0
     # A tenant's active incidents (not resolved or cancelled) at most; 0: no quota.
     max_active_incidents: int = 10_000
 
@@ -64,6 +71,8 @@ class Outbox:
     publish: list[Message] = field(default_factory=list)
     # Contacts with notifications to deliver: each one's deliverer is woken (models/notify.py).
     wake: set[uuid.UUID] = field(default_factory=set)
+    # Levels executed whose contacts' notifications are still to be written (notify.reach_contacts).
+    reach: list[tuple] = field(default_factory=list)
     # (message, ids) to log: the ids (incident_id, escalation_id) go into a JSON line's fields.
     log: list[tuple[str, dict[str, uuid.UUID]]] = field(default_factory=list)
     # The message still taking escalations, by batch window (None: already due).
@@ -409,7 +418,61 @@ def execute(
                 incident_id=escalation.incident_id,
                 escalation_id=escalation.id,
             )
+    room = settings.batch_size - len(rows)
+    if rows and room > 0:
+        outcomes["picked up"] = _pick_up_late(session, rows[0][1], room, settings, outbox)
+    notify.reach_contacts(session, outbox)
     return +outcomes
+
+
+def _pick_up_late(
+    session: Session, now: datetime, room: int, settings: EngineSettings, outbox: Outbox
+) -> int:
+    """Execute up to `room` late levels of other messages, the oldest late one of each tenant
+    (EngineSettings.late_after_s says why). SKIP LOCKED throughout: rows a transition or another
+    task holds are left to them, and this transaction, already holding its own incidents, never
+    waits for a lock. Returns how many it executed."""
+    late_since = now - timedelta(seconds=settings.late_after_s)
+    oldest = (
+        select(Escalation.id, Escalation.incident_id, Escalation.scheduled_at)
+        .join(Incident, Incident.id == Escalation.incident_id)
+        .where(
+            Escalation.status == PENDING,
+            Escalation.scheduled_at <= late_since,
+            Escalation.scheduled_at > late_since - timedelta(seconds=settings.late_window_s),
+        )
+        .order_by(Incident.tenant, Escalation.scheduled_at)
+        .ext(distinct_on(Incident.tenant))
+        .subquery()
+    )
+    candidates = session.execute(
+        select(oldest.c.id, oldest.c.incident_id).order_by(oldest.c.scheduled_at).limit(room)
+    ).all()
+    if not candidates:
+        return 0
+    incidents = {
+        incident.id: incident
+        for incident in session.scalars(
+            select(Incident)
+            .where(Incident.id.in_([incident_id for _id, incident_id in candidates]))
+            .order_by(Incident.id)
+            .with_for_update(skip_locked=True, **INCIDENT_LOCK)
+        )
+    }
+    rows = session.scalars(
+        select(Escalation)
+        .where(
+            Escalation.id.in_([escalation_id for escalation_id, _incident in candidates]),
+            Escalation.incident_id.in_(incidents),
+            Escalation.status == PENDING,
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    picked = 0
+    for escalation in rows:
+        incident = incidents[escalation.incident_id]
+        picked += _execute_one(session, incident, escalation, now, None, settings, outbox) == "executed"
+    return picked
 
 
 def _execute_one(
@@ -453,7 +516,8 @@ def _run(
     actor: uuid.UUID | None = None,
 ) -> None:
     """Execute a step of the chain (its incident locked and escalating): the row, its timeline entry,
-    its notifications, and the next step. `actor`: the responder who paged it now (escalate_now)."""
+    its notifications, and the next step. `actor`: the responder who paged it now (escalate_now).
+    The caller ends its transaction's steps with notify.reach_contacts (one statement for them all)."""
     escalation.status = EscalationStatus.EXECUTED
     escalation.executed_at = now
     escalation.updated_at = now
@@ -566,6 +630,7 @@ def escalate_now(
         pending = step
     incident.updated_at = now  # a level paged: the incident changed, although its state did not
     _run(session, incident, pending, now, settings, outbox, actor=actor)
+    notify.reach_contacts(session, outbox)
     return True
 
 
@@ -589,29 +654,45 @@ def sweep(
     Returns (rows handed over, of which already overdue).
     """
     now = db_now(session)
+    horizon = now + timedelta(seconds=settings.eta_horizon_s)
     grace_cutoff = now - timedelta(seconds=settings.redelivery_grace_s)
-    rows = session.scalars(
-        select(Escalation)
-        .where(
-            Escalation.status == PENDING,
-            Escalation.scheduled_at <= now + timedelta(seconds=settings.eta_horizon_s),
-            or_(
-                Escalation.published_at.is_(None),
-                and_(
-                    Escalation.published_at < grace_cutoff,
-                    Escalation.scheduled_at < grace_cutoff,
-                    Escalation.published_at - Escalation.scheduled_at < now - Escalation.published_at,
-                ),
-                Escalation.published_at < lost_before if lost_before else false(),
-            ),
+    # Two index ranges that hold only candidates, not one that walks every row in flight (each
+    # sweep read them all from the heap: docs/BENCHMARKS.md section 5). First the rows never handed
+    # over (a partial index of their own)...
+    rows = _lock_for_sweep(
+        session, settings.sweep_batch, Escalation.published_at.is_(None), Escalation.scheduled_at <= horizon
+    )
+    if len(rows) < settings.sweep_batch:
+        # ...then those the broker evidently lost: handed over, and overdue past the grace (with the
+        # backoff), or every one handed over before the broker lost its data, due or not.
+        lost = and_(
+            Escalation.scheduled_at < grace_cutoff,
+            Escalation.published_at < grace_cutoff,
+            Escalation.published_at - Escalation.scheduled_at < now - Escalation.published_at,
         )
-        .order_by(Escalation.scheduled_at)
-        .limit(settings.sweep_batch)
-        .with_for_update(skip_locked=True)
-    ).all()
+        rows += _lock_for_sweep(
+            session,
+            settings.sweep_batch - len(rows),
+            Escalation.published_at.is_not(None),
+            or_(lost, and_(Escalation.published_at < lost_before, Escalation.scheduled_at <= horizon))
+            if lost_before
+            else lost,
+        )
     for escalation in rows:
         _hand_over(escalation, now, outbox, settings)
     return len(rows), sum(1 for escalation in rows if escalation.scheduled_at < now)
+
+
+def _lock_for_sweep(session: Session, limit: int, *where) -> list[Escalation]:
+    return list(
+        session.scalars(
+            select(Escalation)
+            .where(Escalation.status == PENDING, *where)
+            .order_by(Escalation.scheduled_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
 
 
 def forget_publish(session: Session, failed: list[Message]) -> None:

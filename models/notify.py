@@ -26,7 +26,24 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, any_, func, insert, literal, or_, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    Integer,
+    String,
+    Uuid,
+    and_,
+    any_,
+    column,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+    values,
+)
 from sqlalchemy.orm import Session
 
 from models.contact import CONTACT_CHANNELS, Contact
@@ -135,33 +152,60 @@ def plan_level(session: Session, incident: Incident, escalation: Escalation, now
                 )  # fmt: skip
             )
     channels = [c for c in escalation.notify if c in CONTACT_CHANNELS]
-    if not channels:
+    if channels:
+        # The contacts' rows are written for every level of the transaction at once (reach_contacts).
+        outbox.reach.append((incident.tenant, incident.id, escalation.id, level, channels, now))
+
+
+# The levels a transaction executed, as plan_level queues them for reach_contacts.
+REACH = values(
+    column("tenant", String),
+    column("incident_id", Uuid),
+    column("escalation_id", Uuid),
+    column("level", Integer),
+    column("channels", ARRAY(String)),
+    column("at", DateTime(timezone=True)),
+    name="reach",
+)
+
+
+def reach_contacts(session: Session, outbox) -> None:
+    """The contacts' notifications of every level plan_level queued: one INSERT ... SELECT, whatever
+    the number of levels (a batch executes up to a hundred). Every engine step that executes levels
+    ends with it, in its transaction."""
+    if not outbox.reach:
         return
+    levels = REACH.data(outbox.reach)
     reached = (
         select(
             func.gen_random_uuid(),
-            literal(incident.tenant),
-            literal(incident.id),
-            literal(escalation.id),
+            levels.c.tenant,
+            levels.c.incident_id,
+            levels.c.escalation_id,
             Contact.id,
             Contact.channel,
             literal(ALERT.value),
-            literal(level),
+            levels.c.level,
             literal(PENDING.value),
-            literal(now),
-            literal(now),
-            literal(now),
+            levels.c.at,
+            levels.c.at,
+            levels.c.at,
         )
-        .where(
-            Contact.tenant == incident.tenant,
-            Contact.channel.in_(channels),
-            Contact.deleted_at.is_(None),
-            Contact.enabled,
-            or_(Contact.levels.is_(None), literal(level) == any_(Contact.levels)),
+        .join_from(
+            levels,
+            Contact,
+            and_(
+                Contact.tenant == levels.c.tenant,
+                Contact.channel == any_(levels.c.channels),
+                Contact.deleted_at.is_(None),
+                Contact.enabled,
+                or_(Contact.levels.is_(None), levels.c.level == any_(Contact.levels)),
+            ),
         )
-        .order_by(Contact.created_at)
+        .order_by(levels.c.escalation_id, Contact.created_at)
     )
     _insert_for_contacts(session, reached, outbox)
+    outbox.reach.clear()
 
 
 def _insert_for_contacts(session: Session, rows, outbox) -> None:

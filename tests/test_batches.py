@@ -137,3 +137,28 @@ def test_an_early_level_of_a_batch_is_handed_back_only_by_its_own_message(db):
     [message] = outbox.publish
     assert sorted(message.escalation_ids) == sorted(ids)
     assert {r.task_id for r in rows(db, ids)} == {message.task_id}
+
+
+def test_a_batch_with_room_also_runs_the_oldest_late_level_of_each_tenant(db):
+    with db.begin() as session:  # the earlier tests' levels, some of them late by now
+        session.execute(text("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'"))
+    own = escalating(db, 1)
+    storm = escalating(db, 3)  # one tenant's backlog
+    lone = escalating(db, 1)  # another tenant's level, late behind it
+    long_late = escalating(db, 1)  # late by more than the look covers: left to its own message
+    with db.begin() as session:
+        for ids, late_s in ((storm, 2.0), (lone, 1.0), (long_late, 10.0)):
+            session.execute(
+                text(
+                    "UPDATE escalations SET scheduled_at = clock_timestamp() - make_interval(secs => :s) "
+                    "- (random() * interval '100 ms') WHERE id = ANY(:ids)"
+                ),
+                {"ids": ids, "s": late_s},
+            )
+    outbox = Outbox()
+    with db.begin() as session:
+        assert engine.execute(session, own, None, SETTINGS, outbox) == {"executed": 1, "picked up": 2}
+    executed = {r.id for r in rows(db, own + storm + lone + long_late) if r.status == "EXECUTED"}
+    oldest_of_storm = min(rows(db, storm), key=lambda r: r.scheduled_at).id
+    assert executed == {own[0], lone[0], oldest_of_storm}
+    assert sum("EXECUTING level 1" in line for line, _ids in outbox.log) == 3

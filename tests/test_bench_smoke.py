@@ -73,6 +73,8 @@ def test_exec_rate_measures_escalations_and_the_noop_floor(results):
     res = run(results, "exec_rate")
     assert res["runs"][0]["executed_total"] == res["escalations"]
     assert number(res["median"]["escalation"]["rate"]) and number(res["median"]["noop"]["rate"])
+    scaled = res["median"]["workers2"]  # two workers draining the same batches
+    assert scaled["executions"] == res["escalations"] and number(scaled["postgres_cpu_ms"])
 
 
 def test_memory_is_sampled_at_each_phase(results):
@@ -125,3 +127,9 @@ def test_report_renders_every_section(results):
     headings = ("## 1.", "## 2.", "### With notifications", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.")
     for heading in (*headings, "## 8.", "## Targets"):
         assert heading in text
+
+
+def test_fairness_measures_the_lone_tenant_beside_the_storm(results):
+    res = run(results, "fairness")
+    assert res["doubled"] == 0 and res["unfinished"] == 0
+    assert number(res["capacity"]) and number(res["lone_lateness"]["p99"])

@@ -154,6 +154,55 @@ def test_a_level_reaches_the_enabled_contacts_whose_levels_include_it(db, tenant
     assert outbox.wake == {reached, sms}
 
 
+def test_levels_executed_together_each_reach_their_own_tenants_contacts(db, tenant):
+    """A batch writes every level's contact rows in one statement: each row is its own level's."""
+    other = f"{tenant}-b"
+    mine, theirs = contact(db, tenant, "email"), contact(db, other, "email")  # level 2: email only
+    first, _ = execute_level(db, tenant)
+    second, _ = execute_level(db, other)
+    levels = []
+    for incident_id in (first, second):
+        with db.begin() as session:  # level 2 of each, due now
+            levels.append(
+                session.scalar(
+                    update(Escalation)
+                    .where(Escalation.incident_id == incident_id, Escalation.status == "PENDING")
+                    .values(scheduled_at=db_now(session))
+                    .returning(Escalation.id)
+                )
+            )
+    outbox = Outbox()
+    with db.begin() as session:
+        assert engine.execute(session, levels, None, SETTINGS, outbox) == {"executed": 2}
+    for incident_id, contact_id, channel in ((first, mine, "email"), (second, theirs, "email")):
+        level2 = [
+            (n.contact_id, n.channel, n.level) for n in rows(db, incident_id=incident_id) if n.level == 2
+        ]
+        assert level2 == [(contact_id, channel, 2)]
+    assert outbox.wake == {mine, theirs} and outbox.reach == []
+
+
+def test_a_level_paged_now_reaches_its_contacts(db, tenant):
+    reached = contact(db, tenant, "email")
+    with db.begin() as session:
+        incident, _ = engine.report(
+            session, Incident(id=uuid.uuid4(), tenant=tenant, title="Disk"), actor=None
+        )
+        engine.transition(
+            session, incident, Action.ESCALATE, actor=None, policies=POLICIES, settings=SETTINGS,
+            outbox=Outbox(),
+        )  # fmt: skip
+    outbox = Outbox()
+    with db.begin() as session:
+        locked = engine.lock_incident(session, incident.id)
+        assert engine.escalate_now(
+            session, locked, None, actor=uuid.uuid4(), settings=SETTINGS, outbox=outbox
+        )
+    email = [n for n in rows(db, incident_id=incident.id) if n.channel == "email"]
+    assert [(n.contact_id, n.level) for n in email] == [(reached, 1)]
+    assert outbox.wake == {reached}
+
+
 def test_a_snapshot_naming_a_channel_nothing_delivers_gets_a_skipped_row_not_a_crash(db, tenant):
     incident_id, _ = execute_level(db, tenant, notify_override=["phone", "in_app"])
     (skipped,) = [n for n in rows(db, incident_id=incident_id) if n.channel == "phone"]
