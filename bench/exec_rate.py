@@ -49,14 +49,15 @@ def drain(bench: Bench, task: str, count: int, timeout_s: float, concurrency: in
 def drain_escalations(
     bench: Bench, count: int, timeout_s: float, concurrency: int = 2, workers: int = 1
 ) -> dict:
-    """Start `workers` workers on a queue holding `count` due escalations (in the engine's batch
-    messages); executions/s from the first to the last, as Postgres recorded them (a task runs a
-    batch)."""
-    since = bench.sql("SELECT clock_timestamp()", fetch=True)[0][0]
+    """Start `workers` workers, and once all are ready queue `count` due escalations (in the
+    engine's batch messages); executions/s from the first to the last, as Postgres recorded them (a
+    task runs a batch)."""
     procs = [
         bench.worker(f"rate-escalations-{concurrency}-{k}of{workers}", app=APP, concurrency=concurrency)
         for k in range(workers)
     ]
+    since = bench.sql("SELECT clock_timestamp()", fetch=True)[0][0]
+    queue_due_escalations(bench, count)
 
     def executed():
         return bench.sql(
@@ -112,8 +113,7 @@ def run(cfg, run_id: str, log_dir) -> dict:
     runs = []
     with Bench("rate", run_id, log_dir) as bench:
         for _ in range(cfg.repeats):
-            rows = queue_due_escalations(bench, cfg.rate_escalations)
-            escalation = drain_escalations(bench, len(rows), timeout_s=600)
+            escalation = drain_escalations(bench, cfg.rate_escalations, timeout_s=600)
             executed = bench.sql(
                 "SELECT count(*) FROM escalations WHERE status = 'EXECUTED' AND escalation_level = 1",
                 fetch=True,
@@ -123,14 +123,14 @@ def run(cfg, run_id: str, log_dir) -> dict:
             run = {"escalation": escalation, "noop": noop, "executed_total": executed}
             if cfg.rate_concurrency:
                 # The same escalations with more prefork children (WORKER_CONCURRENCY): an experiment.
-                rows = queue_due_escalations(bench, cfg.rate_escalations)
                 run["escalation_more"] = drain_escalations(
-                    bench, len(rows), timeout_s=600, concurrency=cfg.rate_concurrency
+                    bench, cfg.rate_escalations, timeout_s=600, concurrency=cfg.rate_concurrency
                 )
             # The same escalations drained by 1, 2 and 4 workers (each --concurrency 2).
             for workers in cfg.rate_workers:
-                rows = queue_due_escalations(bench, cfg.rate_escalations)
-                run[f"workers{workers}"] = drain_escalations(bench, len(rows), timeout_s=600, workers=workers)
+                run[f"workers{workers}"] = drain_escalations(
+                    bench, cfg.rate_escalations, timeout_s=600, workers=workers
+                )
             runs.append(run)
     kinds = ["escalation", "noop"] + (["escalation_more"] if cfg.rate_concurrency else [])
     kinds += [f"workers{workers}" for workers in cfg.rate_workers]

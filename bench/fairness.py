@@ -8,15 +8,13 @@ from __future__ import annotations
 import time
 
 from bench.common import Bench, CpuMeter, percentile, publish_escalations, seed_escalating
-from bench.exec_rate import LEVELS, drain_escalations, queue_due_escalations
+from bench.exec_rate import LEVELS, drain_escalations
 
 LONE_TENANT = "bench-lone"
 
 
 def fairness(bench: Bench, cfg) -> dict:
-    capacity = drain_escalations(bench, len(queue_due_escalations(bench, cfg.fair_probe)), timeout_s=300)[
-        "rate"
-    ]
+    capacity = drain_escalations(bench, cfg.fair_probe, timeout_s=300)["rate"]
     bench.sql("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'")  # the probe's level 2s
     since = bench.sql("SELECT now()", fetch=True)[0][0]  # after the probe: its rows are older
     rate = cfg.fair_factor * capacity

@@ -44,12 +44,15 @@ class EngineSettings:
     # for the others of its message.
     batch_window_s: float = 0.1
     batch_size: int = 100
-    # A level this late (seconds) is late because the workers are behind: a batch with room takes it
-    # besides its own, the oldest late one of each tenant first, so one tenant's storm cannot hold
-    # another tenant's level behind its backlog. Only levels late by less than late_after_s +
-    # late_window_s are looked at: the look stays cheap however long the backlog.
+    # A level this late (seconds) is late because the workers are behind: every batch also takes up
+    # to late_batch such levels of other messages, the oldest late one of each tenant, so one
+    # tenant's storm cannot hold another tenant's level behind its backlog (a worker runs its due
+    # tasks in the order they fell due). Only the levels that turned late within the last
+    # late_window_s are looked at: the look stays cheap however long the backlog, and with a task
+    # finishing every few milliseconds in a backlog, one of them sees each late level in time.
     late_after_s: float = 0.5
-    late_window_s: float = 3.0
+    late_window_s: float = 0.5
+    late_batch: int = 10
     # A tenant's active incidents (not resolved or cancelled) at most; 0: no quota.
     max_active_incidents: int = 10_000
 
@@ -418,9 +421,8 @@ def execute(
                 incident_id=escalation.incident_id,
                 escalation_id=escalation.id,
             )
-    room = settings.batch_size - len(rows)
-    if rows and room > 0:
-        outcomes["picked up"] = _pick_up_late(session, rows[0][1], room, settings, outbox)
+    if rows:
+        outcomes["picked up"] = _pick_up_late(session, rows[0][1], settings.late_batch, settings, outbox)
     notify.reach_contacts(session, outbox)
     return +outcomes
 

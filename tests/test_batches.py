@@ -24,7 +24,7 @@ POLICIES = parse_policies(
         },
     }
 )
-SETTINGS = EngineSettings(batch_window_s=0.1, batch_size=3)
+SETTINGS = EngineSettings(batch_window_s=0.1, batch_size=3, late_window_s=3, late_batch=2)
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
@@ -139,7 +139,7 @@ def test_an_early_level_of_a_batch_is_handed_back_only_by_its_own_message(db):
     assert {r.task_id for r in rows(db, ids)} == {message.task_id}
 
 
-def test_a_batch_with_room_also_runs_the_oldest_late_level_of_each_tenant(db):
+def test_a_batch_also_runs_the_oldest_late_level_of_each_tenant(db):
     with db.begin() as session:  # the earlier tests' levels, some of them late by now
         session.execute(text("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'"))
     own = escalating(db, 1)
