@@ -131,6 +131,9 @@ def worker(app, count: int, repeats: int) -> dict:
         for name in rounds if rep % 2 == 0 else reversed(list(rounds)):
             engine.pool._pre_ping = name.endswith("as is")
             with engine.begin() as conn:
+                # Only this round's levels pending: a batch would also pick up others left late (the
+                # endpoints' escalations, on the bench's fast policy) and count their work here.
+                conn.execute(text("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'"))
                 ids = [
                     str(row[0])
                     for row in conn.execute(
@@ -154,10 +157,12 @@ def worker(app, count: int, repeats: int) -> dict:
                 )
             _use(app)
             started = time.process_time()
-            size = EngineSettings().batch_size
+            size, executed = EngineSettings().batch_size, 0
             for first in range(0, len(ids), size):
-                batch = ids[first : first + size]
-                assert execute_escalations(batch) == {"executed": len(batch)}
+                outcomes = execute_escalations(ids[first : first + size])
+                # A batch also picks up late levels (of the next batches, here): each runs once.
+                executed += outcomes.get("executed", 0) + outcomes.get("picked up", 0)
+            assert executed == len(ids)
             rounds[name].append((time.process_time() - started) * 1000 / max(1, len(ids)))
     engine.pool._pre_ping = True
     return {"cpu_ms": {name: statistics.median(values) for name, values in rounds.items()}}

@@ -22,7 +22,7 @@ from hypothesis.stateful import (
 )
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from models.lifecycle import ALLOWED, CLIENT_ACTIONS, TARGET, State
+from models.lifecycle import ALLOWED, CLIENT_ACTIONS, TARGET, Action, State
 from models.policy import PolicyError, load_policies
 
 # -- schemathesis against the served document -------------------------------------------------------
@@ -366,6 +366,16 @@ class IncidentMachine(RuleBasedStateMachine):
     @rule(incident=incidents, action=st.sampled_from(CLIENT_ACTIONS))
     def act(self, incident, action):
         before = self.model[incident]
+        if before is State.ESCALATING and action is Action.ESCALATE:
+            # Escalate now: pages the pending level (200, still ESCALATING), or 409 with none left.
+            pending = [e for e in self.escalations(incident) if e["status"] == "PENDING"]
+            response = self.client.post(f"/incidents/{incident}/escalate", headers=self.auth)
+            assert response.status_code == (200 if pending else 409), response.get_data(as_text=True)
+            if pending:
+                assert response.get_json()["state"] == "ESCALATING"
+                paged = {e["id"]: e for e in self.escalations(incident)}[pending[0]["id"]]
+                assert (paged["status"], paged["manual"]) == ("EXECUTED", True)
+            return
         response = self.client.post(f"/incidents/{incident}/{action.value}", headers=self.auth)
         if TARGET[action] in ALLOWED[before]:
             assert response.status_code == 200, (before, action, response.get_data(as_text=True))
@@ -386,11 +396,12 @@ class IncidentMachine(RuleBasedStateMachine):
         assert transitions[-1]["to_state"] == self.model[incident].value
         for previous, event in zip(transitions, transitions[1:], strict=False):
             assert event["from_state"] == previous["to_state"]
-        escalations = self.client.get(f"/incidents/{incident}/escalations", headers=self.auth).get_json()[
-            "items"
-        ]
+        escalations = self.escalations(incident)
         if self.model[incident] not in (State.ESCALATING,):
             assert all(e["status"] != "PENDING" for e in escalations), escalations
+
+    def escalations(self, incident) -> list[dict]:
+        return self.client.get(f"/incidents/{incident}/escalations", headers=self.auth).get_json()["items"]
 
     @invariant()
     def the_api_agrees_with_the_model(self):
