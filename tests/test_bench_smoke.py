@@ -133,4 +133,3 @@ def test_report_renders_every_section(results):
     headings = ("## 1.", "## 2.", "### With notifications", "## 3.", "## 3b.", "## 4.", "## 5.", "## 6.")
     for heading in (*headings, "## 7.", "## 8.", "## Targets"):
         assert heading in text
-
