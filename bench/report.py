@@ -656,7 +656,8 @@ def section_profile(res: dict) -> tuple[list[str], list[tuple]]:
     worker = res["worker"]["cpu_ms"]
     lines += [
         "",
-        "One escalation's task body (`execute_escalation`, what a prefork child does; level 2 an hour out): "
+        "The task body per escalation (`execute_escalations` on messages of 100, what a prefork child "
+        "does; level 2 an hour out): "
         + ", ".join(f"{name} {f(value, 2)} ms CPU" for name, value in worker.items())
         + ".",
         "",
