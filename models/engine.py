@@ -384,11 +384,13 @@ def execute(
     outbox: Outbox,
 ) -> Counter[str]:
     """Execute each of the escalations of one message that, under lock, is still due and whose
-    incident is still escalating, in one transaction.
+    incident is still escalating, in one transaction; then late levels of other messages
+    (_pick_up_late).
 
     Counts what happened to them: 'executed', 'duplicate' (not PENDING any more: another delivery did
     it, or it was cancelled), 'cancelled' (the incident left ESCALATING), 'early' (handed back with its
-    ETA), 'stale' (an early copy that is not the current delivery) or 'missing'.
+    ETA), 'stale' (an early copy that is not the current delivery) or 'missing'; and 'picked up', the
+    late levels of other messages executed.
     """
     # The incidents first, in id order, then their escalations with the database clock, read once
     # the incident locks are held. The API locks one incident and then its escalations; any two
