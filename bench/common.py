@@ -463,6 +463,15 @@ def seed_escalating(
     )
 
 
+def executed_twice(bench: Bench) -> int:
+    """Escalations with more than one 'escalation_executed' timeline entry: 0, or a level doubled."""
+    return bench.sql(
+        "SELECT count(*) FROM (SELECT data->>'escalation_id' FROM incident_events "
+        "WHERE type = 'escalation_executed' GROUP BY 1 HAVING count(*) > 1) d",
+        fetch=True,
+    )[0][0]
+
+
 def seed_contacts(bench: Bench, channel: str, contacts: list[tuple[str, str, str]], secret=None) -> None:
     """Contacts (id, tenant, address) on `channel`, reached by every level, enabled, no status updates;
     webhook contacts sign with `secret`. Addresses are taken as given (the API would normalise them)."""

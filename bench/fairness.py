@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import Bench, CpuMeter, percentile, publish_escalations, seed_escalating
+from bench.common import Bench, CpuMeter, executed_twice, percentile, publish_escalations, seed_escalating
 from bench.exec_rate import LEVELS, drain_escalations
 
 LONE_TENANT = "bench-lone"
@@ -73,11 +73,7 @@ def fairness(bench: Bench, cfg) -> dict:
             fetch=True,
         )
     }
-    doubled = bench.sql(
-        "SELECT count(*) FROM (SELECT data->>'escalation_id' FROM incident_events "
-        "WHERE type = 'escalation_executed' GROUP BY 1 HAVING count(*) > 1) d",
-        fetch=True,
-    )[0][0]
+    doubled = executed_twice(bench)
     unfinished = bench.sql(
         "SELECT count(*) FROM escalations WHERE status = 'PENDING' AND escalation_level = 1", fetch=True
     )[0][0]

@@ -14,6 +14,7 @@ import uuid
 from bench.common import (
     Bench,
     CpuMeter,
+    executed_twice,
     log_lines,
     percentile,
     publish_escalations,
@@ -84,11 +85,7 @@ def storm(
         fetch=True,
     )
     statuses = dict(bench.sql("SELECT status, count(*) FROM escalations GROUP BY status", fetch=True))
-    doubled = bench.sql(
-        "SELECT count(*) FROM (SELECT data->>'escalation_id' FROM incident_events "
-        "WHERE type = 'escalation_executed' GROUP BY 1 HAVING count(*) > 1) d",
-        fetch=True,
-    )[0][0]
+    doubled = executed_twice(bench)
     short = bench.sql(
         "SELECT count(*) FROM (SELECT i.id FROM incidents i LEFT JOIN escalations e "
         "ON e.incident_id = i.id AND e.status = 'EXECUTED' GROUP BY i.id HAVING count(e.id) <> 3) s",

@@ -361,6 +361,23 @@ def test_the_same_task_delivered_ten_times_executes_once(http):
     act(http, incident["id"], "resolve")
 
 
+def due_now(http, count: int) -> tuple[list[dict], list[str]]:
+    """`count` incidents escalated by the slow policy, their level 1 made due now (not published
+    again: a test hands them to the worker itself); (incidents, level 1 ids)."""
+    from sqlalchemy import text
+
+    incidents = [create(http, policy="slow") for _ in range(count)]
+    for incident in incidents:
+        act(http, incident["id"], "escalate")
+    ids = [escalations(http, i["id"])[0]["id"] for i in incidents]
+    with http.db.begin() as session:
+        session.execute(
+            text("UPDATE escalations SET scheduled_at = now() WHERE id = ANY(CAST(:ids AS uuid[]))"),
+            {"ids": ids},
+        )
+    return incidents, ids
+
+
 # Level 2 without its "notify": scheduling it fails.
 CORRUPT_LEVELS = '[{"delay_ms": 0, "notify": ["in_app"]}, {"delay_ms": 1000}]'
 
@@ -371,21 +388,11 @@ def test_one_message_runs_the_levels_it_carries_and_a_broken_one_holds_up_none_o
     then runs the others one by one, and only the broken one stays PENDING, for the sweep."""
     from sqlalchemy import text
 
-    incidents = [create(http, policy="slow") for _ in range(3)]
-    for incident in incidents:
-        act(http, incident["id"], "escalate")
-    ids = [escalations(http, i["id"])[0]["id"] for i in incidents]
+    incidents, ids = due_now(http, 3)
     with http.db.begin() as session:
         session.execute(
-            text("UPDATE escalations SET scheduled_at = now() WHERE id = ANY(CAST(:ids AS uuid[]))"),
-            {"ids": ids},
-        )
-        session.execute(
             text("UPDATE incidents SET policy_levels = CAST(:levels AS JSONB) WHERE id = CAST(:id AS uuid)"),
-            {
-                "levels": '[{"delay_ms": 0, "notify": ["in_app"]}, {"delay_ms": 1000}]',
-                "id": incidents[2]["id"],
-            },
+            {"levels": CORRUPT_LEVELS, "id": incidents[2]["id"]},
         )
     http.publish("escalations.execute", ids[:2] + [str(uuid.uuid4())])
     first = [wait_statuses(http, i["id"], ["EXECUTED", "PENDING"]) for i in incidents[:2]]
@@ -394,15 +401,7 @@ def test_one_message_runs_the_levels_it_carries_and_a_broken_one_holds_up_none_o
     for incident in incidents[:2]:
         act(http, incident["id"], "resolve")
 
-    more = [create(http, policy="slow") for _ in range(2)]
-    for incident in more:
-        act(http, incident["id"], "escalate")
-    good = [escalations(http, i["id"])[0]["id"] for i in more]
-    with http.db.begin() as session:
-        session.execute(
-            text("UPDATE escalations SET scheduled_at = now() WHERE id = ANY(CAST(:ids AS uuid[]))"),
-            {"ids": good},
-        )
+    more, good = due_now(http, 2)
     http.publish("escalations.execute", [good[0], ids[2], good[1]])
     for incident in more:
         wait_statuses(http, incident["id"], ["EXECUTED", "PENDING"])

@@ -69,24 +69,24 @@ def contact(db, tenant, channel="email", **fields) -> uuid.UUID:
     return row.id
 
 
+def escalate(db, tenant) -> uuid.UUID:
+    """A new incident of the tenant, escalated (level 1 PENDING, an hour out)."""
+    with db.begin() as session:
+        incident, _ = engine.report(
+            session, Incident(id=uuid.uuid4(), tenant=tenant, title="Disk full"), actor=None
+        )
+        engine.transition(
+            session, incident, Action.ESCALATE, actor=None, policies=POLICIES, settings=SETTINGS,
+            outbox=Outbox(),
+        )  # fmt: skip
+    return incident.id
+
+
 def execute_level(db, tenant, incident_id=None, notify_override=None) -> tuple[uuid.UUID, Outbox]:
     """Escalate a new incident (or the given one) and execute its next level now; (incident, outbox)."""
     outbox = Outbox()
-    with db.begin() as session:
-        if incident_id is None:
-            incident, _ = engine.report(
-                session, Incident(id=uuid.uuid4(), tenant=tenant, title="Disk full"), actor=None
-            )
-            engine.transition(
-                session,
-                incident,
-                Action.ESCALATE,
-                actor=None,
-                policies=POLICIES,
-                settings=SETTINGS,
-                outbox=Outbox(),
-            )
-            incident_id = incident.id
+    if incident_id is None:
+        incident_id = escalate(db, tenant)
     with db.begin() as session:
         values = {"scheduled_at": db_now(session) - timedelta(seconds=1)}
         if notify_override is not None:
@@ -184,21 +184,14 @@ def test_levels_executed_together_each_reach_their_own_tenants_contacts(db, tena
 
 def test_a_level_paged_now_reaches_its_contacts(db, tenant):
     reached = contact(db, tenant, "email")
-    with db.begin() as session:
-        incident, _ = engine.report(
-            session, Incident(id=uuid.uuid4(), tenant=tenant, title="Disk"), actor=None
-        )
-        engine.transition(
-            session, incident, Action.ESCALATE, actor=None, policies=POLICIES, settings=SETTINGS,
-            outbox=Outbox(),
-        )  # fmt: skip
+    incident_id = escalate(db, tenant)
     outbox = Outbox()
     with db.begin() as session:
-        locked = engine.lock_incident(session, incident.id)
+        locked = engine.lock_incident(session, incident_id)
         assert engine.escalate_now(
             session, locked, None, actor=uuid.uuid4(), settings=SETTINGS, outbox=outbox
         )
-    email = [n for n in rows(db, incident_id=incident.id) if n.channel == "email"]
+    email = [n for n in rows(db, incident_id=incident_id) if n.channel == "email"]
     assert [(n.contact_id, n.level) for n in email] == [(reached, 1)]
     assert outbox.wake == {reached}
 

@@ -15,7 +15,12 @@ down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+NAME = "ix_escalations_unpublished_scheduled_at"
 WHERE = sa.text("status = 'PENDING' AND published_at IS NULL")
+
+
+def _drop() -> None:
+    op.drop_index(NAME, table_name="escalations", postgresql_concurrently=True, if_exists=True)
 
 
 def upgrade() -> None:
@@ -23,14 +28,9 @@ def upgrade() -> None:
     # and a plain CREATE INDEX would hold every escalate and every execution for the build.
     with op.get_context().autocommit_block():
         # A build interrupted before left an invalid index of this name behind: start again.
-        op.drop_index(
-            "ix_escalations_unpublished_scheduled_at",
-            table_name="escalations",
-            postgresql_concurrently=True,
-            if_exists=True,
-        )
+        _drop()
         op.create_index(
-            "ix_escalations_unpublished_scheduled_at",
+            NAME,
             "escalations",
             ["scheduled_at"],
             unique=False,
@@ -41,10 +41,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
-        op.drop_index(
-            "ix_escalations_unpublished_scheduled_at",
-            table_name="escalations",
-            postgresql_where=WHERE,
-            postgresql_concurrently=True,
-            if_exists=True,
-        )
+        _drop()
