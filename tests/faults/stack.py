@@ -97,7 +97,8 @@ def scale(name: str, default: int) -> int:
 
 
 class Api:
-    """requests against the stack's gunicorn, one Session per thread; every call is recorded."""
+    """requests against the stack's gunicorn, one Session per thread (a connection per request);
+    every call is recorded."""
 
     def __init__(self, base: str, headers: dict[str, str], timeout: float = 15.0):
         self.base = base
@@ -112,7 +113,10 @@ class Api:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            session.headers.update(self.headers)
+            # A connection per request: a thread idle past gunicorn's 2 s keep-alive would otherwise
+            # send its next POST on a connection gunicorn is closing, and lose it to a reset
+            # (scenario Ne lost a create so: "incident not created"), as tests/support/servers.api_session.
+            session.headers.update({**self.headers, "Connection": "close"})
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
