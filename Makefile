@@ -56,7 +56,7 @@ key: migrate
 # longest delay it holds, and the suite stays within CI's 20 minutes.
 TEST_PROCESSES ?= auto
 test: services
-	@$(LOAD_ENV); $(BIN)/ruff check .; \
+	@$(LOAD_ENV); set -e; $(BIN)/ruff check .; \
 	  $(BIN)/pytest -m "not faults" -n $(TEST_PROCESSES) $(PYTEST_ARGS) || [ $$? -eq 5 ]; \
 	  FAULTS_S13_DOWN_S=$${FAULTS_S13_DOWN_S:-30} $(BIN)/pytest -m faults -p no:xdist $(PYTEST_ARGS) \
 	    || [ $$? -eq 5 ]
