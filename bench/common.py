@@ -532,7 +532,7 @@ def publish_escalations(bench: Bench, rows) -> None:
 
 
 def publish_wakes(bench: Bench, contact_ids) -> None:
-    """What tasks.notifications.wake_at does after commit: one deliverer per contact woken."""
+    """What tasks.notifications.wake does after commit: one deliverer per contact woken."""
     send_tasks("notifications.deliver", bench.notify_queue, ({"args": (str(c),)} for c in contact_ids))
 
 

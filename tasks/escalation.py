@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from models import engine, metrics
 from models.engine import Outbox
 from tasks.celery import on_broker_redis
-from tasks.notifications import wake_at
+from tasks.notifications import wake
 
 logger = logging.getLogger("escalation")
 
@@ -64,10 +64,9 @@ def deliver(outbox: Outbox) -> bool:
             _broker_failed("publish", len(outbox.publish) - index, exc)
             _forget_publish(outbox.publish[index:])
             return False
-    for contact_id in outbox.wake:
-        # A wake-up that fails leaves due rows in Postgres: the notification sweep wakes them.
-        if _broker_resting() or not wake_at(contact_id):
-            break
+    # A wake-up that fails leaves due rows in Postgres: the notification sweep wakes them.
+    if outbox.wake and not _broker_resting():
+        wake(outbox.wake)
     return True
 
 

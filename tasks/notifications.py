@@ -75,26 +75,32 @@ def _wake_flag(contact_id: uuid.UUID | str) -> str:
     return f"notify-wake:{contact_id}"
 
 
-def _already_woken(contact_id: uuid.UUID) -> bool:
+def _raise_wake_flags(contact_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Set the flags of the contacts that have none, in one broker round trip (a storm's batch of
+    levels reaches a hundred contacts); returns those that had none, whose deliverers must go out."""
     celery_app = current_app.extensions["celery"]
-    flag = _wake_flag(contact_id)
+
+    def raise_all(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        for contact_id in contact_ids:
+            pipe.set(_wake_flag(contact_id), "1", nx=True, ex=WAKE_FLAG_TTL_S)
+        return pipe.execute()
+
     try:
-        raised = on_broker_redis(
-            celery_app, lambda client: bool(client.set(flag, "1", nx=True, ex=WAKE_FLAG_TTL_S))
-        )
-    except Exception:  # noqa: BLE001 - cannot tell: wake it (a spare deliverer claims nothing)
-        return False
-    return raised is False  # None: the broker is not Redis, and every wake-up is published
+        raised = on_broker_redis(celery_app, raise_all)
+    except Exception:  # noqa: BLE001 - cannot tell: wake them all (a spare deliverer claims nothing)
+        return contact_ids
+    if raised is None:  # the broker is not Redis: every wake-up is published
+        return contact_ids
+    return [contact_id for contact_id, was_raised in zip(contact_ids, raised, strict=True) if was_raised]
 
 
-def _clear_wake_flag(contact_id: str) -> bool:
-    """Clear the flag; True when it was set (a wake-up came since the last clear)."""
+def _clear_wake_flags(contact_ids: list) -> bool:
+    """Clear the flags (one broker round trip); True when any was set (a wake-up came since the last
+    clear)."""
+    keys = [_wake_flag(contact_id) for contact_id in contact_ids]
     try:
-        return bool(
-            on_broker_redis(
-                current_app.extensions["celery"], lambda client: client.delete(_wake_flag(contact_id))
-            )
-        )
+        return bool(on_broker_redis(current_app.extensions["celery"], lambda client: client.delete(*keys)))
     except Exception:  # noqa: BLE001 - the flag expires; meanwhile the sweep wakes what waits
         return False
 
@@ -105,7 +111,7 @@ def _hand_to_busy_deliverer(contact_id: str, settings: notify.NotifySettings) ->
     a deliverer at the latest moment its claim can last covers one that ended before the flag was
     set, without waiting for the sweep."""
     _hold_wake_flag(contact_id, datetime.now(UTC) + timedelta(seconds=WAKE_FLAG_TTL_S))
-    wake_at(uuid.UUID(contact_id), datetime.now(UTC) + settings.claim_lasts, debounce=False)
+    wake_at(uuid.UUID(contact_id), datetime.now(UTC) + settings.claim_lasts)
 
 
 def _hold_wake_flag(contact_id: str, until: datetime) -> None:
@@ -120,21 +126,30 @@ def _hold_wake_flag(contact_id: str, until: datetime) -> None:
         pass
 
 
-def wake_at(contact_id: uuid.UUID, when: datetime | None = None, *, debounce: bool = True) -> bool:
-    """Publish a deliverer for the contact (at `when`); on a broker failure the sweep does it later.
-    A wake-up for now is skipped when one is already on its way (not by the sweep: it wakes what the
-    flag's deliverer evidently did not take)."""
-    debounced = when is None and debounce
-    if debounced and _already_woken(contact_id):
-        return True
+def wake(contact_ids) -> bool:
+    """Publish a deliverer for each contact that has none on its way, now (after a commit that gave
+    them notifications). On a broker failure the sweep wakes the rest later; False then."""
+    waking = _raise_wake_flags(list(contact_ids))
+    for index, contact_id in enumerate(waking):
+        if not _publish(contact_id, None):
+            _clear_wake_flags(waking[index:])  # or they would hold back wake-ups until they expire
+            return False
+    return True
+
+
+def wake_at(contact_id: uuid.UUID, when: datetime | None) -> bool:
+    """Publish a deliverer for the contact at `when`, or now (when None) whatever its flag says: the
+    sweep wakes what the flag's deliverer evidently did not take."""
+    return _publish(contact_id, when)
+
+
+def _publish(contact_id: uuid.UUID, when: datetime | None) -> bool:
     try:
         deliver_notifications.apply_async((str(contact_id),), eta=when)
     except Exception as exc:  # noqa: BLE001 - the rows are due in Postgres; the sweep wakes them
         logger.warning(
             "[NOTIFY] could not wake the deliverer of contact %s (%s); the sweep will", contact_id, exc
         )
-        if debounced:
-            _clear_wake_flag(str(contact_id))
         return False
     return True
 
@@ -157,7 +172,7 @@ def deliver_notifications(contact_id: str) -> int:
     cleared = False  # the flag was cleared at the end of the last round (and was set)
     for _ in range(MAX_ROUNDS):
         if not cleared:
-            _clear_wake_flag(contact_id)  # before the claim: see WAKE_FLAG_TTL_S
+            _clear_wake_flags([contact_id])  # before the claim: see WAKE_FLAG_TTL_S
         with db.begin() as session:
             claim = notify.claim(session, uuid.UUID(contact_id), token, settings)
         if claim.busy:
@@ -189,11 +204,11 @@ def deliver_notifications(contact_id: str) -> int:
             continue
         # Nothing left, unless a deliverer woken meanwhile found this one busy and left its rows to it
         # (or it is still on its way, and will find nothing). Rows that come later wake their own.
-        cleared = _clear_wake_flag(contact_id)
+        cleared = _clear_wake_flags([contact_id])
         if not cleared:
             break
     else:
-        wake_at(uuid.UUID(contact_id))
+        wake([uuid.UUID(contact_id)])
     return attempted
 
 
@@ -217,7 +232,7 @@ def sweep_notifications() -> int:
     with current_app.extensions["db"].begin() as session:
         released, woken = notify.sweep(session, db_now(session), settings, outbox)
     for contact_id in outbox.wake:
-        wake_at(contact_id, debounce=False)
+        wake_at(contact_id, None)
     if released or woken:
         logger.warning("[NOTIFY] sweep: %d expired claim(s) given back, %d due row(s) woken", released, woken)
     return released + woken

@@ -453,3 +453,22 @@ def test_a_claim_says_whether_due_rows_are_left_for_another_round(db, tenant):
     for notification_id in second.ids:
         attempt(db, notification_id, token, Outcome("sent"))
     assert claim(db, hook, token) == notify.Claim()
+
+
+def test_one_round_trip_raises_the_wake_flags_and_names_only_the_contacts_without_a_deliverer(app):
+    """After a batch's commit the escalation worker asks Redis once which of the contacts it reached
+    have no deliverer on its way (tasks/notifications.py): those, and only those, are published."""
+    from tasks.notifications import _clear_wake_flags, _raise_wake_flags
+
+    on_its_way, fresh, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    with app.app_context():
+        assert _raise_wake_flags([on_its_way]) == [on_its_way]
+        assert _raise_wake_flags([on_its_way, fresh, other]) == [fresh, other]
+        assert _raise_wake_flags([fresh, on_its_way, other]) == []
+        # A deliverer clears its flag before it claims: the next level's wake-up publishes again.
+        assert _clear_wake_flags([fresh])
+        assert not _clear_wake_flags([uuid.uuid4()])
+        assert _raise_wake_flags([other, fresh]) == [fresh]
+        assert _clear_wake_flags([on_its_way, fresh, other])
+        assert _raise_wake_flags([other]) == [other]
+        _clear_wake_flags([other])
