@@ -532,8 +532,13 @@ def publish_escalations(bench: Bench, rows) -> None:
 
 
 def publish_wakes(bench: Bench, contact_ids) -> None:
-    """What tasks.notifications.wake does after commit: one deliverer per contact woken."""
-    send_tasks("notifications.deliver", bench.notify_queue, ({"args": (str(c),)} for c in contact_ids))
+    """What tasks.notifications.wake does after commit: deliverers for the contacts woken, up to
+    CONTACTS_PER_DELIVERER contacts to a message."""
+    from tasks.notifications import CONTACTS_PER_DELIVERER as per
+
+    ids = [str(c) for c in contact_ids]
+    chunks = (ids[start : start + per] for start in range(0, len(ids), per))
+    send_tasks("notifications.deliver", bench.notify_queue, ({"args": (chunk,)} for chunk in chunks))
 
 
 def publish_noop(bench: Bench, count: int) -> None:

@@ -1,5 +1,5 @@
-"""Notification tasks: thin. A deliverer per contact claims its due notifications, sends each one
-through its channel and records the outcome; the sweep finds what no deliverer took.
+"""Notification tasks: thin. A deliverer claims each of its contacts' due notifications, sends each
+one through its channel and records the outcome; the sweep finds what no deliverer took.
 
 They run on a queue of their own (CELERY_NOTIFY_QUEUE, the Procfile's `notifier`), so a slow or dead
 SMTP server or webhook never holds up an escalation worker.
@@ -11,9 +11,11 @@ import functools
 import logging
 import math
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from celery import shared_task
+from celery.utils.time import get_exponential_backoff_interval
 from flask import current_app
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -127,49 +129,88 @@ def _hold_wake_flag(contact_id: str, until: datetime) -> None:
 
 
 def wake(contact_ids) -> bool:
-    """Publish a deliverer for each contact that has none on its way, now (after a commit that gave
+    """Publish deliverers for the contacts that have none on its way, now (after a commit that gave
     them notifications). On a broker failure the sweep wakes the rest later; False then."""
     waking = _raise_wake_flags(list(contact_ids))
-    for index, contact_id in enumerate(waking):
-        if not _publish(contact_id, None):
-            _clear_wake_flags(waking[index:])  # or they would hold back wake-ups until they expire
-            return False
-    return True
+    unpublished = _publish(waking, None)
+    if unpublished:
+        _clear_wake_flags(unpublished)  # or they would hold back wake-ups until they expire
+    return not unpublished
 
 
 def wake_at(contact_id: uuid.UUID, when: datetime | None) -> bool:
-    """Publish a deliverer for the contact at `when`, or now (when None) whatever its flag says: the
-    sweep wakes what the flag's deliverer evidently did not take."""
-    return _publish(contact_id, when)
+    """Publish a deliverer for the contact at `when`, or now (when None) whatever its flag says."""
+    return not _publish([contact_id], when)
 
 
-def _publish(contact_id: uuid.UUID, when: datetime | None) -> bool:
-    try:
-        deliver_notifications.apply_async((str(contact_id),), eta=when)
-    except Exception as exc:  # noqa: BLE001 - the rows are due in Postgres; the sweep wakes them
-        logger.warning(
-            "[NOTIFY] could not wake the deliverer of contact %s (%s); the sweep will", contact_id, exc
-        )
-        return False
-    return True
+def _publish(contact_ids: list, when: datetime | None) -> list:
+    """Publish deliverers for the contacts, CONTACTS_PER_DELIVERER to a message; returns the contacts
+    left unpublished by a broker failure (the rows are due in Postgres: the sweep wakes them)."""
+    for start in range(0, len(contact_ids), CONTACTS_PER_DELIVERER):
+        chunk = [str(contact_id) for contact_id in contact_ids[start : start + CONTACTS_PER_DELIVERER]]
+        try:
+            deliver_notifications.apply_async((chunk,), eta=when)
+        except Exception as exc:  # noqa: BLE001 - any broker failure: leave them to the sweep
+            logger.warning(
+                "[NOTIFY] could not wake the deliverers of %d contact(s) (%s); the sweep will",
+                len(contact_ids) - start,
+                exc,
+            )
+            return contact_ids[start:]
+    return []
 
 
-@shared_task(
-    name="notifications.deliver",
-    autoretry_for=(DBAPIError, PoolTimeoutError),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    retry_jitter=True,
-    max_retries=20,
-)
-def deliver_notifications(contact_id: str) -> int:
+# A deliverer message names up to CONTACTS_PER_DELIVERER contacts, not one: a storm's batch of levels
+# reaches a hundred contacts, and a Celery message (its events, its log lines, its round trips) cost
+# the notifier more CPU than the send it carried. Each contact is sent to from a thread of its own,
+# up to SENDING_THREADS at a time, so a hung webhook holds up its own thread, not the contacts after it.
+CONTACTS_PER_DELIVERER = 20
+SENDING_THREADS = 4
+
+
+@shared_task(bind=True, name="notifications.deliver", max_retries=20)
+def deliver_notifications(self, contact_ids: list[str] | str) -> int:
+    """Send each contact's due notifications, within its throttle; returns how many were attempted.
+    A message published before deliverers took several contacts names one, not a list."""
+    ids = [contact_ids] if isinstance(contact_ids, str) else list(contact_ids)
+    app = current_app._get_current_object()
+
+    def deliver_in_thread(contact_id: str) -> int:
+        with app.app_context():
+            return _deliver(contact_id)
+
+    # Every contact's flag in one round trip, before any of their claims (see WAKE_FLAG_TTL_S).
+    _clear_wake_flags(ids)
+    attempted, retry, failed, trouble = 0, [], [], None
+    with ThreadPoolExecutor(max_workers=min(SENDING_THREADS, len(ids))) as pool:
+        futures = [(contact_id, pool.submit(deliver_in_thread, contact_id)) for contact_id in ids]
+        for contact_id, future in futures:
+            try:
+                attempted += future.result()
+            except (DBAPIError, PoolTimeoutError) as exc:
+                retry.append(contact_id)
+                trouble = exc
+            except Exception:  # noqa: BLE001 - one contact's fault must not hold up the others
+                logger.exception("[NOTIFY] delivering to contact %s failed", contact_id)
+                failed.append(contact_id)
+    if retry:
+        # The database was the trouble: those contacts again, backing off as the escalation task does.
+        countdown = get_exponential_backoff_interval(1, self.request.retries, 30, full_jitter=True)
+        raise self.retry(args=(retry,), exc=trouble, countdown=countdown)
+    if failed:
+        # Their claims expire and the sweep wakes them again.
+        raise RuntimeError(f"delivering to {len(failed)} of {len(ids)} contact(s) failed")
+    return attempted
+
+
+def _deliver(contact_id: str) -> int:
     """Send the contact's due notifications, within its throttle; returns how many were attempted."""
     settings = current_app.config["SETTINGS"].notify
     provider_settings = current_app.extensions["channel_settings"]
     db = current_app.extensions["db"]
     token = uuid.uuid4()
     attempted = 0
-    cleared = False  # the flag was cleared at the end of the last round (and was set)
+    cleared = True  # the deliverer cleared the flag before the first claim (and at the end of a round)
     for _ in range(MAX_ROUNDS):
         if not cleared:
             _clear_wake_flags([contact_id])  # before the claim: see WAKE_FLAG_TTL_S
@@ -231,8 +272,7 @@ def sweep_notifications() -> int:
     outbox = Outbox()
     with current_app.extensions["db"].begin() as session:
         released, woken = notify.sweep(session, db_now(session), settings, outbox)
-    for contact_id in outbox.wake:
-        wake_at(contact_id, None)
+    _publish(list(outbox.wake), None)
     if released or woken:
         logger.warning("[NOTIFY] sweep: %d expired claim(s) given back, %d due row(s) woken", released, woken)
     return released + woken

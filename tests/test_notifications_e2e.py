@@ -308,6 +308,25 @@ def test_a_contact_test_message_checks_the_wiring(s):
     )
 
 
+def test_a_deliverer_message_from_before_deliverers_took_several_contacts_is_still_delivered(s, process_env):
+    """A rolling deploy: a notifier of this version gets a message naming one contact, not a list."""
+    import redis
+    from celery import Celery
+
+    contact = s.contact("email", "rolling@example.com")
+    # The contact's wake-up flag up, as if a deliverer were on its way: the API publishes none.
+    flags = redis.Redis.from_url(process_env["REDIS_URL"])
+    flags.set(f"notify-wake:{contact['id']}", "1", ex=60)
+    notification = s.post(f"/contacts/{contact['id']}/test", expect=202)
+    time.sleep(1)
+    assert not any(notification["id"] in m.message["Message-ID"] for m in s.smtp.messages)
+    old = Celery(broker=process_env["REDIS_URL"])
+    old.send_task("notifications.deliver", args=(contact["id"],), queue=f"test-{RUN_ID}-notify-e2e-send")
+    eventually(
+        lambda: any(notification["id"] in m.message["Message-ID"] for m in s.smtp.messages), timeout=20
+    )
+
+
 def test_a_level_that_comes_while_its_contact_is_being_sent_to_follows_at_once(
     migrated_database, process_env, tmp_path_factory
 ):
