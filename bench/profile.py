@@ -188,7 +188,7 @@ def run(cfg, run_id: str, log_dir) -> dict:
         needed = 5 * apps + n * (apps * max(cfg.repeats, 5) + 1 + 2 * cfg.repeats) + 500
         seeder = Seeder(bench, "escalate")
         seeder.rate["profile"] = needed
-        start = seeder.take("profile", 0.5)
+        start = seeder.take(0.5)
         # The request metrics counted as under gunicorn: in files, summed over its processes.
         with tempfile.TemporaryDirectory(prefix="bench-metrics-") as counts:
             bench.env["PROMETHEUS_MULTIPROC_DIR"] = counts
