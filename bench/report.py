@@ -235,11 +235,11 @@ def section_storm(res: dict, cfg: dict) -> tuple[list[str], list[tuple]]:
         "capacity: section 3 measures that, and the worker scaling below. Levels due within the same "
         f"{ENGINE.batch_window_s * 1000:g} ms window share a message (up to {ENGINE.batch_size}) and a "
         "transaction, so a worker runs a few tasks a second however many levels fall due; a level "
-        "waits at most the window for the others of its message. *Fenced re-deliveries* are levels "
-        "found already executed: the first sweep of a worker that has just started finds no sentinel "
-        "in Redis and hands over again everything in flight (it cannot tell a deploy from a Redis that "
-        "lost its data, tasks/escalation.py), and the row lock and status check turn the copies into "
-        "no-ops.",
+        "waits at most the window for the others of its message. *Fenced re-deliveries* are messages "
+        "that found their levels already executed: taken by another batch as late (the fairness "
+        "slice, section 3b) before their own message came, or handed over again by a sweep; the row "
+        "lock and status check turn them into no-ops. Many of them mean the worker fell behind "
+        "(bench/NOTES.md, proposal 5e).",
         "",
     ]
     if floor:
@@ -685,9 +685,10 @@ def section_delivery(res: dict, cfg: dict) -> tuple[list[str], list[tuple]]:
         "## 8. Notification delivery rate",
         "",
         f"Per channel and round, {res['messages']:,} contacts each with one PENDING level-2 alert in "
-        "Postgres, as an executed level leaves them; the bench wakes each contact's deliverer as the "
-        "engine does after commit, and the notifier (the Procfile's process, `celery worker --pool "
-        f"prefork --concurrency {res['concurrency']}` on the notification queue) claims, sends and records "
+        "Postgres, as an executed level leaves them; the bench wakes the contacts' deliverers as the "
+        "engine does after commit (up to 20 contacts to a message), and the notifier (the Procfile's "
+        f"process, `celery worker --pool prefork --concurrency {res['concurrency']}` on the notification "
+        "queue, each deliverer sending to its contacts from up to 4 threads) claims, sends and records "
         "each one. Rate from the first to the last `sent_at` (the database clock). Next to it, in the same "
         "round against the same receiver, a bare loop of the same client in one thread of the bench "
         "process, composing (and, for webhooks, signing) each message with the product's own code from "
@@ -739,10 +740,10 @@ def section_delivery(res: dict, cfg: dict) -> tuple[list[str], list[tuple]]:
         f"*What limits it:* the sender's CPU. The notifier spent {f(email['notifier']['cpu_ms'], 1)} ms of "
         f"CPU per email and {f(hook['notifier']['cpu_ms'], 1)} ms per webhook, against "
         f"{f(email['bare']['cpu_ms'], 1)} and {f(hook['bare']['cpu_ms'], 1)} ms for the bare loops: "
-        "a Celery task, two transactions (the claim; then the locked re-check, the send and the recorded "
-        "outcome with its timeline entry), the incident as the API shows it, and the channel's own "
-        "work per message (bench/NOTES.md, proposal 5, names the largest part for email). The receivers "
-        f"were not the limit: busy {f(100 * email['bare']['sink_busy'])}% (aiosmtpd) and "
+        "per message two transactions (the claim; then the locked re-check, the send and the recorded "
+        "outcome with its timeline entry) of about a dozen round trips, the incident as the API shows "
+        "it, and the channel's own work; a Celery task per 20 contacts (bench/NOTES.md, proposal 5). "
+        f"The receivers were not the limit: busy {f(100 * email['bare']['sink_busy'])}% (aiosmtpd) and "
         f"{f(100 * hook['bare']['sink_busy'])}% (asyncio HTTP) of one core during the bare loops. The "
         "stdlib receiver answers a connection per message about as fast as the asyncio one (the "
         f"*to the stdlib receiver* row: {ratio(hook['bare_stdlib']['rate'], hook['bare']['rate'])} of "
