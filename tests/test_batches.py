@@ -15,6 +15,7 @@ from models.escalation import Escalation
 from models.incident import Incident
 from models.lifecycle import Action
 from models.policy import parse_policies
+from tests.support.incidents import escalate_new
 
 POLICIES = parse_policies(
     {
@@ -67,13 +68,7 @@ def escalating(db, count: int) -> list[uuid.UUID]:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     with db.begin() as session:
         for _ in range(count):
-            incident, _ = engine.report(
-                session, Incident(id=uuid.uuid4(), tenant=tenant, title="Disk full"), actor=None
-            )
-            engine.transition(
-                session, incident, Action.ESCALATE, actor=None, policies=POLICIES, settings=SETTINGS,
-                outbox=Outbox(),
-            )  # fmt: skip
+            escalate_new(session, tenant, POLICIES, SETTINGS)
         return list(
             session.scalars(
                 text(

@@ -21,6 +21,7 @@ from models.lifecycle import Action, State
 from models.notification import Notification, NotificationStatus, NotificationType
 from models.policy import parse_policies
 from tasks.channels import Outcome
+from tests.support.incidents import escalate_new
 
 POLICIES = parse_policies(
     {
@@ -72,14 +73,7 @@ def contact(db, tenant, channel="email", **fields) -> uuid.UUID:
 def escalate(db, tenant) -> uuid.UUID:
     """A new incident of the tenant, escalated (level 1 PENDING, an hour out)."""
     with db.begin() as session:
-        incident, _ = engine.report(
-            session, Incident(id=uuid.uuid4(), tenant=tenant, title="Disk full"), actor=None
-        )
-        engine.transition(
-            session, incident, Action.ESCALATE, actor=None, policies=POLICIES, settings=SETTINGS,
-            outbox=Outbox(),
-        )  # fmt: skip
-    return incident.id
+        return escalate_new(session, tenant, POLICIES, SETTINGS).id
 
 
 def execute_level(db, tenant, incident_id=None, notify_override=None) -> tuple[uuid.UUID, Outbox]:
