@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, MetaData, create_engine
+from sqlalchemy import JSON, MetaData, Table, create_engine, event, insert
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
 
 # Constraint names are fixed from day one so that migrations can refer to them.
 NAMING_CONVENTION = {
@@ -65,3 +65,43 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 10
 def make_session_factory(engine: Engine) -> sessionmaker:
     """Sessions that keep loaded values after commit (we publish from them after committing)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+# Rows that only ever get inserted (timeline entries, scheduled escalations) are written with one
+# Core INSERT per table, not through the ORM's unit of work: its flush (attribute history,
+# dependency sort, identity map) cost more CPU than the rest of a create or an escalate request
+# (docs/BENCHMARKS.md section 7). They are queued, and written as pending ORM objects are
+# autoflushed: before the session's next statement and at commit. So a query sees them, and a
+# worker's batch of 100 levels still goes out as one multi-row INSERT per table.
+_QUEUED = "queued_inserts"
+
+
+def queue_insert(session: Session, table: Table, row: dict) -> None:
+    """Insert `row` into `table` before this session's next statement or its commit, whichever comes
+    first. Every row of one table must name the same columns. Not inside a savepoint: a savepoint
+    rolled back would not take the row back."""
+    session.info.setdefault(_QUEUED, {}).setdefault(table, []).append(row)
+
+
+def _write_queued(session: Session) -> None:
+    for table, rows in session.info.pop(_QUEUED, {}).items():
+        # One multi-row VALUES list (a value may be a SQL expression, such as clock_timestamp());
+        # Core on the connection, so this does not come back through do_orm_execute.
+        session.connection().execute(insert(table).values(rows))
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _before_statement(state) -> None:
+    _write_queued(state.session)
+
+
+@event.listens_for(Session, "before_commit")
+def _before_commit(session: Session) -> None:
+    _write_queued(session)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _drop_queued(session: Session, transaction: SessionTransaction) -> None:
+    # Committed: already written. Rolled back: never to be written.
+    if transaction.parent is None:
+        session.info.pop(_QUEUED, None)

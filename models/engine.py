@@ -15,12 +15,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from models import notify, tenant_policy
+from models.db import queue_insert
 from models.escalation import Escalation, EscalationKind, EscalationStatus
 from models.incident import ACTIVE_STATES, DEDUP_INDEX, Incident, IncidentEvent
 from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, SYSTEM_EVENT_TYPE, Action, State, next_state
@@ -141,8 +143,17 @@ def report(
         try:
             # A savepoint only where a conflict is possible: it costs two round trips.
             with session.begin_nested() if incident.dedup_key else nullcontext():
-                session.add(incident)
-                session.flush()  # INSERT ... RETURNING created_at: the timeline entry shares it
+                # A Core INSERT, not the unit of work (models/db.py says why); RETURNING fills in
+                # what the database set (created_at: the timeline entry shares it).
+                inserted = (
+                    session.connection()
+                    .execute(
+                        insert(Incident.__table__)
+                        .values(**_columns(incident))
+                        .returning(*Incident.__table__.c)
+                    )
+                    .one()
+                )
         except IntegrityError as exc:
             if exc.orig.diag.constraint_name != DEDUP_INDEX:
                 raise
@@ -180,10 +191,17 @@ def report(
                     },
                 )
             return existing, False
+        for name, value in inserted._mapping.items():
+            setattr(incident, name, value)  # never added to the session: nothing to flush
         if max_active and _count_active(session, incident.tenant, up_to=max_active + 1) > max_active:
             raise QuotaExceeded
         record_event(session, incident, "created", incident.created_at, actor=actor)
         return incident, True
+
+
+def _columns(row) -> dict:
+    """The column values set on a new ORM object, for a Core INSERT (the rest take their defaults)."""
+    return {name: value for name, value in vars(row).items() if not name.startswith("_")}
 
 
 def _count_active(session: Session, tenant: str, up_to: int) -> int:
@@ -219,15 +237,23 @@ def _schedule_level(
         escalation_level=level,
         round=round_,
         kind=kind,
+        manual=False,
+        actor=None,
+        reason=None,
         status=PENDING,
         notify=list(spec["notify"]),
         scheduled_at=base + timedelta(milliseconds=delay_ms),
+        executed_at=None,
+        task_id=None,
+        published_at=None,
         created_at=base,
         updated_at=base,
     )
-    session.add(escalation)
     if escalation.scheduled_at <= base + timedelta(seconds=settings.eta_horizon_s):
         _hand_over(escalation, base, outbox, settings)
+    # Written with the transaction's other new levels in one INSERT (models/db.py), so every column
+    # is named. The object returned is never added to the session.
+    queue_insert(session, Escalation.__table__, _columns(escalation))
     what = "the acknowledgement's timer, then level" if kind is EscalationKind.ACK_TIMEOUT else "level"
     outbox.note(
         f"[ESCALATION] Scheduled {what} {level} for incident {incident.id} at "
@@ -269,18 +295,32 @@ def record_event(
     from_state: State | None = None,
     data: dict | None = None,
 ) -> None:
-    """Append a typed row to the incident's timeline, in the caller's transaction."""
-    session.add(
-        IncidentEvent(
-            incident_id=incident.id,
-            type=type_,
-            from_state=from_state,
-            to_state=incident.state,
-            actor=actor,
-            at=at,
-            data=data or {},
-        )
+    """Append a typed row to the incident's timeline, in the caller's transaction (queued, and
+    written with its other new timeline rows: models/db.py)."""
+    queue_insert(
+        session,
+        IncidentEvent.__table__,
+        {
+            "incident_id": incident.id,
+            "type": type_,
+            "from_state": from_state,
+            "to_state": incident.state,
+            "actor": actor,
+            "at": at,
+            "data": data or {},
+        },
     )
+
+
+def _update(session: Session, incident: Incident, changes: dict) -> None:
+    """UPDATE the locked incident with a Core statement now, and set the values on the loaded object
+    as if loaded so (no flush: models/db.py says why). Only for an incident with no change pending in
+    the unit of work: a later flush would write those over these."""
+    session.connection().execute(
+        update(Incident.__table__).where(Incident.__table__.c.id == incident.id).values(changes)
+    )
+    for name, value in changes.items():
+        set_committed_value(incident, name, value)
 
 
 def transition(
@@ -304,15 +344,17 @@ def transition(
         # the incident would be written twice.
         policy, own = tenant_policy.escalation_policy(session, policies, incident)
     now = db_now(session)
-    incident.state = target
-    incident.updated_at = now
-    setattr(incident, STATE_TIMESTAMP[target], now)
+    changes = {"state": target, "updated_at": now, STATE_TIMESTAMP[target]: now}
     data: dict = {"note": note} if note else {}
     if target is State.ESCALATING:
-        incident.policy_levels = [level.as_json() for level in policy.levels]
-        incident.policy_repeat = policy.repeat
-        incident.policy_ack_timeout_ms = policy.ack_timeout_ms
-        incident.policy_version = own.version if own else None
+        changes.update(
+            policy_levels=[level.as_json() for level in policy.levels],
+            policy_repeat=policy.repeat,
+            policy_ack_timeout_ms=policy.ack_timeout_ms,
+            policy_version=own.version if own else None,
+        )
+    _update(session, incident, changes)
+    if target is State.ESCALATING:
         data.update(policy=policy.name, levels=len(policy.levels), repeat=policy.repeat)
         if own:
             data["version"] = own.version
