@@ -58,17 +58,12 @@ def authenticate() -> None:
     # keys go on.
     if limiter.is_blocked(address) and secret_hash not in current_app.extensions["live_key_hashes"]:
         limiter.count_failure(address)
-    # Four columns, not the ORM object: this runs on every request (a fifth of a create's CPU).
-    # Never cached: a revoked key is refused from the next request on.
-    key = (
-        db_session()
-        .execute(
-            select(ApiKey.id, ApiKey.tenant, ApiKey.scope, ApiKey.revoked_at).where(
-                ApiKey.secret_hash == secret_hash
-            )
-        )
-        .one_or_none()
-    )
+    # Four columns, not the ORM object, and through the session's connection, not the ORM's
+    # execution: this runs on every request (a fifth of a create's CPU). Never cached: a revoked key
+    # is refused from the next request on.
+    keys = ApiKey.__table__.c
+    query = select(keys.id, keys.tenant, keys.scope, keys.revoked_at).where(keys.secret_hash == secret_hash)
+    key = db_session().connection().execute(query).one_or_none()
     if key is None or key.revoked_at is not None:
         limiter.count_failure(address)
         abort(

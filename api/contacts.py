@@ -85,7 +85,7 @@ def _configured(channel: str) -> None:
 
 @blp.route("")
 class Contacts(MethodView):
-    @blp.arguments(PageArgsSchema, location="query", unknown=RAISE)
+    @blp.arguments(PageArgsSchema(), location="query", unknown=RAISE)
     @blp.response(200, ContactPageSchema)
     def get(self, args):
         """List the tenant's contacts, newest first (keyset pagination: pass next_cursor back as cursor)."""
@@ -93,7 +93,7 @@ class Contacts(MethodView):
         rows, next_cursor = keyset_page(stmt, (Contact.created_at, Contact.id), args, newest_first=True)
         return {"items": [row.Contact for row in rows], "next_cursor": next_cursor}
 
-    @blp.arguments(ContactCreateSchema)
+    @blp.arguments(ContactCreateSchema())
     @blp.response(201, ContactWithSecretSchema)
     def post(self, data):
         """Add a contact; a webhook contact's signing secret is in this response only."""
@@ -130,7 +130,7 @@ class ContactById(MethodView):
         """Read one contact (never its secret)."""
         return _find(contact_id)
 
-    @blp.arguments(ContactUpdateSchema)
+    @blp.arguments(ContactUpdateSchema())
     @blp.response(200, ContactSchema)
     def patch(self, data, contact_id):
         """Change a contact's name, address, levels, status_updates or enabled (not its channel)."""
@@ -199,7 +199,7 @@ def send_test(contact_id):
 
 
 @blp.route("/<uuid:contact_id>/notifications")
-@blp.arguments(PageArgsSchema, location="query", unknown=RAISE)
+@blp.arguments(PageArgsSchema(), location="query", unknown=RAISE)
 @blp.response(200, NotificationPageSchema)
 def contact_delivery_log(args, contact_id):
     """The contact's delivery log: every notification sent or meant for it, newest first."""

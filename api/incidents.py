@@ -50,7 +50,7 @@ def _find(incident_id: uuid.UUID) -> Incident:
 @blp.route("")
 class Incidents(MethodView):
     # A misspelt filter is an error, not a silently unfiltered list.
-    @blp.arguments(IncidentListArgsSchema, location="query", unknown=RAISE)
+    @blp.arguments(IncidentListArgsSchema(), location="query", unknown=RAISE)
     @blp.response(200, IncidentPageSchema)
     def get(self, args):
         """List incidents, newest first (keyset pagination: pass next_cursor back as cursor)."""
@@ -60,7 +60,9 @@ class Incidents(MethodView):
         rows, next_cursor = keyset_page(stmt, (Incident.created_at, Incident.id), args, newest_first=True)
         return {"items": [row.Incident for row in rows], "next_cursor": next_cursor}
 
-    @blp.arguments(IncidentCreateSchema)
+    # Argument schemas are instances, built once: webargs would build a class's instance on every
+    # request.
+    @blp.arguments(IncidentCreateSchema())
     @blp.response(201, IncidentSchema)
     @blp.alt_response(
         200,
@@ -174,14 +176,14 @@ def _escalate_now(session, incident: Incident, level: int | None, outbox: Outbox
 
 
 for _action in CLIENT_ACTIONS:
-    body = EscalateSchema if _action is Action.ESCALATE else TransitionSchema
+    body = EscalateSchema() if _action is Action.ESCALATE else TransitionSchema()
     blp.route(f"/<uuid:incident_id>/{_action.value}", methods=["POST"])(
         blp.arguments(body, required=False)(blp.response(200, IncidentSchema)(_transition_view(_action)))
     )
 
 
 @blp.route("/<uuid:incident_id>/events")
-@blp.arguments(TimelineArgsSchema, location="query", unknown=RAISE)
+@blp.arguments(TimelineArgsSchema(), location="query", unknown=RAISE)
 @blp.response(200, EventListSchema)
 def list_events(args, incident_id):
     """The incident's timeline: every transition and escalation step, oldest first, 100 a page
@@ -197,7 +199,7 @@ def list_events(args, incident_id):
 
 @blp.route("/<uuid:incident_id>/escalations")
 @blp.route("/escalations/<uuid:incident_id>", endpoint="escalations_original_path")
-@blp.arguments(TimelineArgsSchema, location="query", unknown=RAISE)
+@blp.arguments(TimelineArgsSchema(), location="query", unknown=RAISE)
 @blp.response(200, EscalationListSchema)
 def list_escalations(args, incident_id):
     """The incident's escalations in the order they were scheduled (level by level): PENDING,

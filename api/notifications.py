@@ -83,7 +83,7 @@ def _entry(row) -> dict:
 
 
 @blp.route("")
-@blp.arguments(InboxArgsSchema, location="query", unknown=RAISE)
+@blp.arguments(InboxArgsSchema(), location="query", unknown=RAISE)
 @blp.response(200, InboxPageSchema)
 def list_inbox(args):
     """The tenant's in-app inbox, newest first (unread=true: only unread; keyset pages via next_cursor)."""
@@ -121,7 +121,7 @@ def mark_read(notification_id):
 
 
 @blp.route("/read-all", methods=["POST"])
-@blp.arguments(ReadAllSchema, required=False)
+@blp.arguments(ReadAllSchema(), required=False)
 @blp.response(200, ReadAllResultSchema)
 def mark_all_read(data):
     """Mark every unread inbox entry created up to now (or up to `before`) read; returns how many."""
@@ -148,7 +148,7 @@ def mark_all_read(data):
 
 
 @incident_blp.route("/<uuid:incident_id>/notifications")
-@incident_blp.arguments(TimelineArgsSchema, location="query", unknown=RAISE)
+@incident_blp.arguments(TimelineArgsSchema(), location="query", unknown=RAISE)
 @incident_blp.response(200, NotificationPageSchema)
 def incident_delivery_log(args, incident_id: uuid.UUID):
     """The incident's delivery log: every notification, all channels and statuses, oldest first."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, MetaData, Table, create_engine, event, insert
+from sqlalchemy import JSON, Insert, MetaData, create_engine, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
@@ -76,18 +76,18 @@ def make_session_factory(engine: Engine) -> sessionmaker:
 _QUEUED = "queued_inserts"
 
 
-def queue_insert(session: Session, table: Table, row: dict) -> None:
-    """Insert `row` into `table` before this session's next statement or its commit, whichever comes
-    first. Every row of one table must name the same columns. Not inside a savepoint: a savepoint
-    rolled back would not take the row back."""
-    session.info.setdefault(_QUEUED, {}).setdefault(table, []).append(row)
+def queue_insert(session: Session, statement: Insert, row: dict) -> None:
+    """Run `statement` (an INSERT) with `row` before this session's next statement or its commit,
+    whichever comes first, in one executemany with the other rows queued for the same statement
+    object: they must name the same columns. Not inside a savepoint: a savepoint rolled back would
+    not take the row back."""
+    session.info.setdefault(_QUEUED, {}).setdefault(statement, []).append(row)
 
 
 def _write_queued(session: Session) -> None:
-    for table, rows in session.info.pop(_QUEUED, {}).items():
-        # One multi-row VALUES list (a value may be a SQL expression, such as clock_timestamp());
+    for statement, rows in session.info.pop(_QUEUED, {}).items():
         # Core on the connection, so this does not come back through do_orm_execute.
-        session.connection().execute(insert(table).values(rows))
+        session.connection().execute(statement, rows)
 
 
 @event.listens_for(Session, "do_orm_execute")

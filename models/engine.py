@@ -30,6 +30,11 @@ from models.policy import PolicySet
 
 PENDING = EscalationStatus.PENDING
 
+# New levels and timeline entries: queued and written one statement per transaction (models/db.py).
+INSERT_ESCALATION = insert(Escalation.__table__)
+INSERT_EVENT = insert(IncidentEvent.__table__)
+INSERT_EVENT_WRITTEN_AT = INSERT_EVENT.values(at=func.clock_timestamp())
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -253,7 +258,7 @@ def _schedule_level(
         _hand_over(escalation, base, outbox, settings)
     # Written with the transaction's other new levels in one INSERT (models/db.py), so every column
     # is named. The object returned is never added to the session.
-    queue_insert(session, Escalation.__table__, _columns(escalation))
+    queue_insert(session, INSERT_ESCALATION, _columns(escalation))
     what = "the acknowledgement's timer, then level" if kind is EscalationKind.ACK_TIMEOUT else "level"
     outbox.note(
         f"[ESCALATION] Scheduled {what} {level} for incident {incident.id} at "
@@ -289,27 +294,27 @@ def record_event(
     session: Session,
     incident: Incident,
     type_: str,
-    at: datetime,
+    at: datetime | None,
     *,
     actor: uuid.UUID | None,
     from_state: State | None = None,
     data: dict | None = None,
 ) -> None:
     """Append a typed row to the incident's timeline, in the caller's transaction (queued, and
-    written with its other new timeline rows: models/db.py)."""
-    queue_insert(
-        session,
-        IncidentEvent.__table__,
-        {
-            "incident_id": incident.id,
-            "type": type_,
-            "from_state": from_state,
-            "to_state": incident.state,
-            "actor": actor,
-            "at": at,
-            "data": data or {},
-        },
-    )
+    written with its other new timeline rows: models/db.py). `at` None: the database's clock when
+    the row is written."""
+    row = {
+        "incident_id": incident.id,
+        "type": type_,
+        "from_state": from_state,
+        "to_state": incident.state,
+        "actor": actor,
+        "data": data or {},
+    }
+    if at is None:
+        queue_insert(session, INSERT_EVENT_WRITTEN_AT, row)
+    else:
+        queue_insert(session, INSERT_EVENT, {**row, "at": at})
 
 
 def _update(session: Session, incident: Incident, changes: dict) -> None:

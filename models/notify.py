@@ -574,8 +574,7 @@ def _record(session: Session, attempt: Attempt, type_: str, attempts: int, error
             data["error"] = error
         # Dated when written, not when the attempt ended: no incident lock orders these entries, and
         # two deliverers' clocks read before their inserts came out of order (by milliseconds).
-        at = func.clock_timestamp()
-        record_event(session, incident, type_, at, actor=None, from_state=incident.state, data=data)
+        record_event(session, incident, type_, None, actor=None, from_state=incident.state, data=data)
 
 
 def sweep(
