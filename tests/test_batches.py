@@ -157,3 +157,22 @@ def test_a_batch_also_runs_the_oldest_late_level_of_each_tenant(db):
     oldest_of_storm = min(rows(db, storm), key=lambda r: r.scheduled_at).id
     assert executed == {own[0], lone[0], oldest_of_storm}
     assert sum("EXECUTING level 1" in line for line, _ids in outbox.log) == 3
+
+
+def test_a_batch_on_time_does_not_look_for_late_levels(db):
+    """Only a batch late itself takes others' late levels: a worker on time has no backlog."""
+    with db.begin() as session:  # the earlier tests' levels, some of them late by now
+        session.execute(text("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'"))
+    own = escalating(db, 1)
+    late = escalating(db, 1)
+    with db.begin() as session:
+        session.execute(
+            text(
+                "UPDATE escalations SET scheduled_at = clock_timestamp() - make_interval(secs => :s) "
+                "WHERE id = ANY(:ids)"
+            ),
+            [{"ids": own, "s": 0.1}, {"ids": late, "s": 1.0}],
+        )
+    with db.begin() as session:
+        assert engine.execute(session, own, None, SETTINGS, Outbox()) == {"executed": 1}
+    assert {r.id: r.status for r in rows(db, own + late)} == {own[0]: "EXECUTED", late[0]: "PENDING"}
