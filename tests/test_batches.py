@@ -80,6 +80,18 @@ def escalating(db, count: int) -> list[uuid.UUID]:
         )
 
 
+def make_late(db, *lates: tuple[list[uuid.UUID], float], jitter_ms: int = 0) -> None:
+    """Make each (ids, seconds) due that many seconds ago, less up to jitter_ms at random."""
+    with db.begin() as session:
+        session.execute(
+            text(
+                "UPDATE escalations SET scheduled_at = clock_timestamp() - make_interval(secs => :s) "
+                "- random() * make_interval(secs => :jitter) WHERE id = ANY(:ids)"
+            ),
+            [{"ids": ids, "s": seconds, "jitter": jitter_ms / 1000} for ids, seconds in lates],
+        )
+
+
 def rows(db, ids) -> list[Escalation]:
     with db() as session:
         return list(session.scalars(select(Escalation).where(Escalation.id.in_(ids))))
@@ -141,15 +153,7 @@ def test_a_batch_also_runs_the_oldest_late_level_of_each_tenant(db):
     storm = escalating(db, 3)  # one tenant's backlog
     lone = escalating(db, 1)  # another tenant's level, late behind it
     long_late = escalating(db, 1)  # late by more than the look covers: left to its own message
-    with db.begin() as session:
-        for ids, late_s in ((storm, 2.0), (lone, 1.0), (long_late, 10.0)):
-            session.execute(
-                text(
-                    "UPDATE escalations SET scheduled_at = clock_timestamp() - make_interval(secs => :s) "
-                    "- (random() * interval '100 ms') WHERE id = ANY(:ids)"
-                ),
-                {"ids": ids, "s": late_s},
-            )
+    make_late(db, (storm, 2.0), (lone, 1.0), (long_late, 10.0), jitter_ms=100)
     outbox = Outbox()
     with db.begin() as session:
         assert engine.execute(session, own, None, SETTINGS, outbox) == {"executed": 1, "picked up": 2}
@@ -165,14 +169,7 @@ def test_a_batch_on_time_does_not_look_for_late_levels(db):
         session.execute(text("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'"))
     own = escalating(db, 1)
     late = escalating(db, 1)
-    with db.begin() as session:
-        session.execute(
-            text(
-                "UPDATE escalations SET scheduled_at = clock_timestamp() - make_interval(secs => :s) "
-                "WHERE id = ANY(:ids)"
-            ),
-            [{"ids": own, "s": 0.1}, {"ids": late, "s": 1.0}],
-        )
+    make_late(db, (own, 0.1), (late, 1.0))
     with db.begin() as session:
         assert engine.execute(session, own, None, SETTINGS, Outbox()) == {"executed": 1}
     assert {r.id: r.status for r in rows(db, own + late)} == {own[0]: "EXECUTED", late[0]: "PENDING"}
