@@ -42,6 +42,13 @@ LOCK_INCIDENT = text(
     "incidents.cancelled_at FROM incidents WHERE incidents.id = :id AND incidents.tenant = :tenant "
     "FOR NO KEY UPDATE"
 )
+# The tenant's own policy of the name the incident escalates by, shadowing the file's (none here).
+TENANT_POLICY = text(
+    "SELECT tenant_policies.tenant, tenant_policies.name, tenant_policies.version, tenant_policies.body, "
+    "tenant_policies.created_at, tenant_policies.deleted_at FROM tenant_policies WHERE "
+    "tenant_policies.tenant = :tenant AND tenant_policies.name = :name ORDER BY tenant_policies.version "
+    "DESC LIMIT 1"
+)
 CLOCK = text("SELECT clock_timestamp() AS clock_timestamp_1")
 INSERT_ESCALATION = text(
     "INSERT INTO escalations (id, incident_id, escalation_level, status, notify, scheduled_at, "
@@ -143,6 +150,8 @@ def create_app() -> Flask:
                 # As models/notify.skip_unsent: before the clock, since it may wait for a send.
                 conn.execute(NOTIFY_TIMEOUTS)
                 conn.execute(SKIP_UNSENT, {"id": incident_id})
+            if action == "escalate":
+                conn.execute(TENANT_POLICY, {"tenant": key.tenant, "name": "fast"}).first()
             now = conn.scalar(CLOCK)
             if action == "escalate":
                 if incident.state != "OPEN":
