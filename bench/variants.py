@@ -3,7 +3,6 @@ without touching the service's code (bench/profile.py measures them side by side
 - `no_preping`: the engine without `pool_pre_ping` (one `SELECT 1` round trip per request less);
 - `no_sent_event`: Celery's `task_send_sent_event` off (one Redis PUBLISH per escalate less);
 - `both`: the two together;
-- `core_auth`: authenticate() selecting the four columns it needs as a Row, not an ORM ApiKey;
 - `no_limits_or_metrics`: without the per-key rate limit (api/limits.py) and the request metrics'
   hooks (api/metrics.py), which the app as is runs with (issue 12: within 10% of this).
 
@@ -57,40 +56,10 @@ def both():
     return app
 
 
-def core_auth():
-    """api/auth.py's authenticate() with a Core select of the columns it uses (proposal 1b)."""
-    from flask import g, request
-    from flask_smorest import abort
-    from sqlalchemy import select
-
-    from api import auth
-    from api.db import db_session
-    from models.api_key import ApiKey, Scope, hash_key
-
-    columns = select(ApiKey.id, ApiKey.tenant, ApiKey.scope, ApiKey.revoked_at)
-
-    def authenticate() -> None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            abort(401, message="Missing API key: send 'Authorization: Bearer <key>'.")
-        key = db_session().execute(columns.where(ApiKey.secret_hash == hash_key(token.strip()))).one_or_none()
-        if key is None or key.revoked_at is not None:
-            abort(401, message="Invalid or revoked API key.")
-        if request.method not in auth.SAFE_METHODS and key.scope is not Scope.WRITE:
-            abort(403, message="This API key is read-only.")
-        g.api_key = key
-
-    app = baseline()
-    for funcs in app.before_request_funcs.values():
-        funcs[:] = [authenticate if f is auth.authenticate else f for f in funcs]
-    return app
-
-
 VARIANTS = {
     "api as is": baseline,
     "api, no pool pre-ping": no_preping,
     "api, no task-sent event": no_sent_event,
     "api, both": both,
-    "api, Core auth": core_auth,
     "api, no limits or metrics": no_limits_or_metrics,
 }

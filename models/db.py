@@ -72,7 +72,7 @@ def make_session_factory(engine: Engine) -> sessionmaker:
 # dependency sort, identity map) cost more CPU than the rest of a create or an escalate request
 # (docs/BENCHMARKS.md section 7). They are queued, and written as pending ORM objects are
 # autoflushed: before the session's next statement and at commit. So a query sees them, and a
-# worker's batch of 100 levels still goes out as one multi-row INSERT per table.
+# worker's batch of 100 levels still goes out as one multi-row INSERT per statement.
 _QUEUED = "queued_inserts"
 
 

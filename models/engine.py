@@ -346,8 +346,6 @@ def transition(
     target = next_state(current, action)
     notify.skip_unsent(session, incident, target)  # may wait for a send in flight: before the clock
     if target is State.ESCALATING:
-        # Looked up before the incident changes: a query after a change would flush it early, and
-        # the incident would be written twice.
         policy, own = tenant_policy.escalation_policy(session, policies, incident)
     now = db_now(session)
     changes = {"state": target, "updated_at": now, STATE_TIMESTAMP[target]: now}
