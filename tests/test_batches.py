@@ -131,7 +131,9 @@ def test_an_early_level_of_a_batch_is_handed_back_only_by_its_own_message(db):
     with db.begin() as session:
         session.execute(
             text(
-                "UPDATE escalations SET scheduled_at = clock_timestamp() + interval '1 minute', "
+                # now(): one due time for both (clock_timestamp() differs by row, and two times
+                # microseconds apart can fall either side of a batch window's edge: two messages).
+                "UPDATE escalations SET scheduled_at = now() + interval '1 minute', "
                 "task_id = 'current' WHERE id = ANY(:ids)"
             ),
             {"ids": ids},
