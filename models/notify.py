@@ -25,15 +25,18 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 from sqlalchemy import (
     ARRAY,
     DateTime,
     Integer,
+    Interval,
     String,
     Uuid,
     and_,
     any_,
+    bindparam,
     column,
     func,
     insert,
@@ -44,6 +47,7 @@ from sqlalchemy import (
     update,
     values,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from models.contact import CONTACT_CHANNELS, Contact
@@ -112,9 +116,12 @@ class Claim:
 class Attempt:
     """A claimed notification, locked, re-checked and ready to send; members when it is a digest."""
 
-    notification: Notification
-    contact: Contact
-    incident: Incident | None
+    # The notification's columns as begin_send read them under its row lock (a Core row).
+    notification: Row
+    address: str  # the contact's
+    secret: str | None  # the contact's, for a webhook's signature
+    # The incident's columns, as the API's schema dumps them; None for a digest or a test message.
+    incident: SimpleNamespace | None
     members: list[tuple[Notification, Incident]] = field(default_factory=list)
 
 
@@ -302,56 +309,91 @@ def queue_test(session: Session, contact: Contact, now: datetime, outbox) -> Not
     return notification
 
 
+# The claim's and the send's statements, built once: a deliverer runs them for every message, and
+# building a statement cost more CPU than executing it (bench/NOTES.md 5b). Executed on the session's
+# connection as Core statements: nothing here needs the ORM's identity map.
+_N, _C = Notification.__table__, Contact.__table__
+# FOR NO KEY UPDATE: claims of one contact queue behind each other, but an escalation inserting a
+# notification for it (whose foreign key takes KEY SHARE on the contact) does not wait for one.
+_LOCK_CONTACT = (
+    select(_C.c.tenant, _C.c.channel, _C.c.enabled, _C.c.deleted_at)
+    .where(_C.c.id == bindparam("contact_id"))
+    .with_for_update(key_share=True)
+)
+# The claim's clock: the start of the statement after the lock was granted (a clock read in the
+# locking statement is read before it waits), so it is later than whatever the previous claim of
+# this contact did.
+_NOW = func.statement_timestamp()
+_WINDOW_START = _NOW - bindparam("window", type_=Interval)
+_MINE = and_(_N.c.contact_id == bindparam("contact_id"), _N.c.status == PENDING)
+# Messages are rows that are not digest members: a digest is one message however many it holds.
+_IN_WINDOW = and_(
+    _N.c.digest_id.is_(None),
+    or_(and_(_N.c.status == NotificationStatus.SENT, _N.c.sent_at > _WINDOW_START), _N.c.status == SENDING),
+)
+_LIVE_CLAIM = and_(_N.c.status == SENDING, _N.c.claim_token != bindparam("token"), _N.c.claimed_until > _NOW)
+# One round trip for the clock and what the claim weighs: another deliverer's live claim, and the
+# messages in the throttle's window (with the oldest, which says when a full window has room again).
+_WEIGH = select(
+    _NOW,
+    func.count().filter(_LIVE_CLAIM) > 0,
+    func.count().filter(_IN_WINDOW),
+    func.min(_N.c.sent_at).filter(_IN_WINDOW),
+).where(
+    _N.c.contact_id == bindparam("contact_id"),
+    or_(_N.c.status == SENDING, _N.c.sent_at > _WINDOW_START),
+)
+_DUE = (
+    select(_N.c.id, _N.c.type)
+    .where(_MINE, _N.c.next_attempt_at <= bindparam("now"), _N.c.digest_id.is_(None))
+    .order_by(_N.c.created_at, _N.c.id)
+    .limit(DUE_LIMIT)
+    .with_for_update(skip_locked=True)
+)
+# A claim's rows, and the members of a digest among them.
+_TAKE = (
+    update(_N)
+    .where(
+        or_(
+            _N.c.id == any_(bindparam("ids", type_=ARRAY(Uuid))),
+            and_(_N.c.digest_id == any_(bindparam("digests", type_=ARRAY(Uuid))), _N.c.status == PENDING),
+        )
+    )
+    .values(status=SENDING, claim_token=bindparam("token"), claimed_until=bindparam("until"),
+            updated_at=bindparam("now"))
+)  # fmt: skip
+# Dated by the database clock when the provider has accepted, without a round trip for it.
+_SENT = (
+    update(_N)
+    .where(_N.c.id == bindparam("notification_id"))
+    .values(status=NotificationStatus.SENT, sent_at=func.clock_timestamp(),
+            updated_at=func.clock_timestamp(), provider_id=bindparam("provider_id"), last_error=None,
+            attempts=bindparam("attempts"), claim_token=None)
+)  # fmt: skip
+
+
 def claim(session: Session, contact_id: uuid.UUID, token: uuid.UUID, settings: NotifySettings) -> Claim:
     """Take the contact's due notifications for sending, within its throttle; bundle the surplus.
 
     The contact's row lock serialises claims, so two deliverers never overrun the throttle together.
     """
-    # FOR NO KEY UPDATE: claims of one contact queue behind each other, but an escalation inserting
-    # a notification for it (whose foreign key takes KEY SHARE on the contact) does not wait for one.
-    # The clock comes with the lock: read after it is granted, it is later than whatever the
-    # previous claim of this contact sent.
-    found = session.execute(
-        select(Contact, func.clock_timestamp())
-        .where(Contact.id == contact_id)
-        .with_for_update(key_share=True, of=Contact)
-    ).one_or_none()
+    conn = session.connection()
+    found = conn.execute(_LOCK_CONTACT, {"contact_id": contact_id}).one_or_none()
     if found is None:
         return Claim()
-    contact, now = found
+    tenant, channel, enabled, deleted_at = found
     mine = and_(Notification.contact_id == contact_id, Notification.status == PENDING)
-    window_start = now - timedelta(seconds=settings.window_s)
-    # Messages are rows that are not digest members: a digest is one message however many it holds.
-    in_window = and_(
-        Notification.digest_id.is_(None),
-        or_(
-            and_(Notification.status == NotificationStatus.SENT, Notification.sent_at > window_start),
-            Notification.status == SENDING,
-        ),
-    )
-    live_claim = and_(
-        Notification.status == SENDING, Notification.claim_token != token, Notification.claimed_until > now
-    )
-    # One round trip for what the claim weighs: another deliverer's live claim, and the messages in
-    # the throttle's window (with the oldest, which says when a full window has room again).
-    busy, used, oldest = session.execute(
-        select(
-            func.count().filter(live_claim) > 0,
-            func.count().filter(in_window),
-            func.min(Notification.sent_at).filter(in_window),
-        ).where(
-            Notification.contact_id == contact_id,
-            or_(Notification.status == SENDING, Notification.sent_at > window_start),
-        )
-    ).one()
+    params = {"contact_id": contact_id, "token": token, "window": timedelta(seconds=settings.window_s)}
+    now, busy, used, oldest = conn.execute(_WEIGH, params).one()
+    params["now"] = now
     # One deliverer at a time per contact: another one's live claim means it is at work here, and it
     # claims again when its batch is done (tasks/notifications.py: it is told). Otherwise a hung
     # webhook would take every notifier process, each woken by a new level, and stall every other
     # contact's messages.
     if busy:
         return Claim(busy=True)
-    if contact.deleted_at is not None or not contact.enabled:
-        why = "contact deleted" if contact.deleted_at is not None else "contact disabled"
+    if deleted_at is not None or not enabled:
+        why = "contact deleted" if deleted_at is not None else "contact disabled"
         session.execute(
             update(Notification)
             .where(mine)
@@ -359,16 +401,10 @@ def claim(session: Session, contact_id: uuid.UUID, token: uuid.UUID, settings: N
             execution_options={"synchronize_session": False},
         )
         return Claim()
-    due = session.scalars(
-        select(Notification)
-        .where(mine, Notification.next_attempt_at <= now, Notification.digest_id.is_(None))
-        .order_by(Notification.created_at, Notification.id)
-        .limit(DUE_LIMIT)
-        .with_for_update(skip_locked=True)
-    ).all()
+    due = conn.execute(_DUE, params).all()
     if not due:
         return Claim()
-    capacity = settings.rates.get(contact.channel, 60) - used
+    capacity = settings.rates.get(channel, 60) - used
     if capacity <= 0:
         wake_at = (oldest + timedelta(seconds=settings.window_s)) if oldest else now + timedelta(seconds=1)
         # Rows an earlier claim already set to wait for this very moment: their wake-up is on its way.
@@ -391,7 +427,7 @@ def claim(session: Session, contact_id: uuid.UUID, token: uuid.UUID, settings: N
         members = [row for row in due[capacity - 1 :] if row.type is ALERT]
         if len(members) >= 2:
             digest = Notification(
-                id=uuid.uuid4(), tenant=contact.tenant, contact_id=contact.id, channel=contact.channel,
+                id=uuid.uuid4(), tenant=tenant, contact_id=contact_id, channel=channel,
                 type=NotificationType.DIGEST, status=PENDING, attempts=0, next_attempt_at=now,
                 created_at=now, updated_at=now,
             )  # fmt: skip
@@ -432,15 +468,9 @@ def _take(session: Session, rows: list[Notification], token, now, settings: Noti
     token changed and leaves them)."""
     ids = [row.id for row in rows]
     digests = [row.id for row in rows if row.type is NotificationType.DIGEST]
-    taken = Notification.id.in_(ids)
-    if digests:
-        taken = or_(taken, and_(Notification.digest_id.in_(digests), Notification.status == PENDING))
-    claimed_until = now + settings.claim_lasts
-    session.execute(
-        update(Notification)
-        .where(taken)
-        .values(status=SENDING, claim_token=token, claimed_until=claimed_until, updated_at=now),
-        execution_options={"synchronize_session": False},
+    until = now + settings.claim_lasts
+    session.connection().execute(
+        _TAKE, {"ids": ids, "digests": digests, "token": token, "until": until, "now": now}
     )
     result.ids = ids
     return result
@@ -458,34 +488,49 @@ def release(session: Session, token: uuid.UUID, until: datetime, now: datetime) 
     )
 
 
+_I = Incident.__table__
+# The row (locked), its contact's address and secret, its incident, and the clock, in one round trip.
+# The incident's columns are labelled: a notification has an id and a created_at of its own.
+_INCIDENT_COLUMNS = {f"incident_{c.key}_": c.key for c in _I.c}
+_BEGIN_SEND = (
+    select(
+        _N,
+        _C.c.address,
+        _C.c.secret,
+        *(_I.c[key].label(label) for label, key in _INCIDENT_COLUMNS.items()),
+        func.clock_timestamp().label("now"),
+    )
+    .join_from(_N, _C, _C.c.id == _N.c.contact_id)
+    .outerjoin(_I, _I.c.id == _N.c.incident_id)
+    .where(_N.c.id == bindparam("notification_id"))
+    .with_for_update(of=_N)
+)
+
+
 def begin_send(session: Session, notification_id: uuid.UUID, token: uuid.UUID) -> Attempt | None:
     """Lock a claimed notification and re-check it: still this deliverer's, still worth sending.
 
     The row lock is held through the provider call until finish() commits: a transition's SKIP waits
     for it, and no sweep or other deliverer can take the row meanwhile. None: nothing to send.
     """
-    # One round trip: the row (locked), its contact and incident, and the clock.
-    found = session.execute(
-        select(Notification, Contact, Incident, func.clock_timestamp())
-        .join(Contact, Contact.id == Notification.contact_id)
-        .outerjoin(Incident, Incident.id == Notification.incident_id)
-        .where(Notification.id == notification_id)
-        .with_for_update(of=Notification)
-    ).one_or_none()
+    found = session.connection().execute(_BEGIN_SEND, {"notification_id": notification_id}).one_or_none()
     if found is None:
         return None
-    row, contact, incident, now = found
-    if row.status is not SENDING or row.claim_token != token:
+    if found.status is not SENDING or found.claim_token != token:
         return None  # skipped by a transition, or the claim expired and another deliverer has it
-    if row.type is ALERT and incident.state is not State.ESCALATING:
-        _skip(row, f"incident {incident.state.value.lower()} before it was sent", now)
+    now = found.now
+    incident = None
+    if found.incident_id is not None:
+        incident = SimpleNamespace(**{key: getattr(found, label) for label, key in _INCIDENT_COLUMNS.items()})
+    if found.type is ALERT and incident.state is not State.ESCALATING:
+        _skip(session, [found.id], f"incident {incident.state.value.lower()} before it was sent", now)
         return None
-    attempt = Attempt(row, contact, incident)
-    if row.type is NotificationType.DIGEST:
+    attempt = Attempt(found, found.address, found.secret, incident)
+    if found.type is NotificationType.DIGEST:
         members = session.execute(
             select(Notification, Incident)
             .join(Incident, Incident.id == Notification.incident_id)
-            .where(Notification.digest_id == row.id, Notification.status == SENDING)
+            .where(Notification.digest_id == found.id, Notification.status == SENDING)
             .order_by(Notification.created_at, Notification.id)
             .with_for_update(of=Notification)
         ).all()
@@ -493,20 +538,16 @@ def begin_send(session: Session, notification_id: uuid.UUID, token: uuid.UUID) -
             if member_incident.state is State.ESCALATING:
                 attempt.members.append((member, member_incident))
             else:
-                _skip(
-                    member, f"incident {member_incident.state.value.lower()} before the digest was sent", now
-                )
+                why = f"incident {member_incident.state.value.lower()} before the digest was sent"
+                _skip(session, [member.id], why, now)
         if not attempt.members:
-            _skip(row, "every incident in the digest left ESCALATING first", now)
+            _skip(session, [found.id], "every incident in the digest left ESCALATING first", now)
             return None
     return attempt
 
 
-def _skip(row: Notification, why: str, now: datetime) -> None:
-    row.status = NotificationStatus.SKIPPED
-    row.last_error = why
-    row.claim_token = None
-    row.updated_at = now
+def _skip(session: Session, ids: list[uuid.UUID], why: str, now: datetime) -> None:
+    _set(session, ids, status=NotificationStatus.SKIPPED, last_error=why, claim_token=None, updated_at=now)
 
 
 def finish(session: Session, attempt: Attempt, outcome, settings: NotifySettings) -> datetime | None:
@@ -518,12 +559,10 @@ def finish(session: Session, attempt: Attempt, outcome, settings: NotifySettings
     attempts = row.attempts + 1
     members = [member.id for member, _ in attempt.members]
     if outcome.status == "sent":
-        # Dated by the database clock when the provider has accepted, without a round trip for it.
-        sent_at = func.clock_timestamp()
-        _set(session, [row.id], status=NotificationStatus.SENT, sent_at=sent_at, updated_at=sent_at,
-             provider_id=outcome.provider_id, last_error=None, attempts=attempts,
-             claim_token=None)  # fmt: skip
-        _set(session, members, status=NotificationStatus.BUNDLED, updated_at=sent_at)
+        session.connection().execute(
+            _SENT, {"notification_id": row.id, "provider_id": outcome.provider_id, "attempts": attempts}
+        )
+        _set(session, members, status=NotificationStatus.BUNDLED, updated_at=func.clock_timestamp())
         _record(session, attempt, "notification_sent", attempts, None)
         return None
     now = session.scalar(select(func.clock_timestamp()))  # the backoff and the retry period's clock
@@ -549,10 +588,7 @@ def finish(session: Session, attempt: Attempt, outcome, settings: NotifySettings
 def _set(session: Session, ids: list[uuid.UUID], **values) -> None:
     """One UPDATE of the rows `ids` (nothing when there are none)."""
     if ids:
-        session.execute(
-            update(Notification).where(Notification.id.in_(ids)).values(**values),
-            execution_options={"synchronize_session": False},
-        )
+        session.connection().execute(update(_N).where(_N.c.id.in_(ids)).values(**values))
 
 
 def _record(session: Session, attempt: Attempt, type_: str, attempts: int, error: str | None) -> None:
