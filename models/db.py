@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import JSON, Insert, MetaData, create_engine, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
@@ -79,9 +82,24 @@ _QUEUED = "queued_inserts"
 def queue_insert(session: Session, statement: Insert, row: dict) -> None:
     """Run `statement` (an INSERT) with `row` before this session's next statement or its commit,
     whichever comes first, in one executemany with the other rows queued for the same statement
-    object: they must name the same columns. Not inside a savepoint: a savepoint rolled back would
-    not take the row back."""
+    object: they must name the same columns. Inside a savepoint only through savepoint(), which
+    writes them before it is released and drops them if it is rolled back."""
     session.info.setdefault(_QUEUED, {}).setdefault(statement, []).append(row)
+
+
+@contextmanager
+def savepoint(session: Session) -> Iterator[None]:
+    """session.begin_nested() for work that queues inserts: what was queued before belongs to the
+    enclosing transaction and is written first; what is queued inside is written before the
+    savepoint is released, or dropped with it when it is rolled back."""
+    _write_queued(session)
+    try:
+        with session.begin_nested():
+            yield
+            _write_queued(session)
+    except BaseException:
+        session.info.pop(_QUEUED, None)
+        raise
 
 
 def _write_queued(session: Session) -> None:

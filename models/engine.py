@@ -8,6 +8,7 @@ always incident, then escalation: the API and the worker take it the same way, s
 
 from __future__ import annotations
 
+import copy
 import math
 import uuid
 from collections import Counter
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from models import notify, tenant_policy
-from models.db import queue_insert
+from models.db import queue_insert, savepoint
 from models.escalation import Escalation, EscalationKind, EscalationStatus
 from models.incident import ACTIVE_STATES, DEDUP_INDEX, Incident, IncidentEvent
 from models.lifecycle import EVENT_TYPE, STATE_TIMESTAMP, SYSTEM_EVENT_TYPE, Action, State, next_state
@@ -431,12 +432,12 @@ def execute(
 ) -> Counter[str]:
     """Execute each of the escalations of one message that, under lock, is still due and whose
     incident is still escalating, in one transaction; then late levels of other messages
-    (_pick_up_late).
+    (_pick_up_late), and levels of other messages due by now, up to a full batch (_pick_up_due).
 
     Counts what happened to them: 'executed', 'duplicate' (not PENDING any more: another delivery did
     it, or it was cancelled), 'cancelled' (the incident left ESCALATING), 'early' (handed back with its
     ETA), 'stale' (an early copy that is not the current delivery) or 'missing'; and 'picked up', the
-    late levels of other messages executed.
+    levels of other messages executed.
     """
     # The incidents first, in id order, then their escalations with the database clock, read once
     # the incident locks are held. The API locks one incident and then its escalations; any two
@@ -469,15 +470,40 @@ def execute(
                 incident_id=escalation.incident_id,
                 escalation_id=escalation.id,
             )
-    # Only a batch that is late itself looks for other late levels: a worker keeping up has no
-    # backlog for a level to wait behind, and the look (a join, a DISTINCT ON and its planning) was a
-    # fifth of a storm's task time when taken by every batch (bench/NOTES.md 5f).
-    if rows and rows[0][1] - min(escalation.scheduled_at for escalation, _now in rows) >= timedelta(
-        seconds=settings.late_after_s
-    ):
-        outcomes["picked up"] = _pick_up_late(session, rows[0][1], settings.late_batch, settings, outbox)
+    if rows:
+        now = rows[0][1]
+        # Only a batch that is late itself looks for other late levels: a worker keeping up has no
+        # backlog for a level to wait behind, and the look (a join, a DISTINCT ON and its planning)
+        # was a fifth of a storm's task time when taken by every batch (bench/NOTES.md 5f).
+        if now - min(escalation.scheduled_at for escalation, _now in rows) >= timedelta(
+            seconds=settings.late_after_s
+        ):
+            outcomes["picked up"] += _pick_up_late(session, now, settings.late_batch, settings, outbox)
+        room = settings.batch_size - outcomes["executed"] - outcomes["picked up"]
+        if room > 0:
+            outcomes["picked up"] += _pick_up_due(session, now, room, settings, outbox)
     notify.reach_contacts(session, outbox)
     return +outcomes
+
+
+def _pick_up_due(session: Session, now: datetime, room: int, settings: EngineSettings, outbox: Outbox) -> int:
+    """Execute up to `room` levels of other messages that are due by now, the earliest first: levels
+    that fell due together but travel in messages of their own (each escalate request publishes
+    one) run in this transaction, and their next levels go out in one message with this batch's.
+    Their own messages then find them executed. A worker keeping up finds none (each message runs
+    as it falls due); one falling behind executes its backlog in ever fuller batches. A level due
+    longer ago than the redelivery grace is taken as lost by the broker: the sweep's."""
+    candidates = session.execute(
+        select(Escalation.id, Escalation.incident_id)
+        .where(
+            Escalation.status == PENDING,
+            Escalation.scheduled_at <= now,
+            Escalation.scheduled_at > now - timedelta(seconds=settings.redelivery_grace_s),
+        )
+        .order_by(Escalation.scheduled_at)
+        .limit(room)
+    ).all()
+    return _execute_others(session, candidates, now, settings, outbox)
 
 
 def _pick_up_late(
@@ -503,8 +529,35 @@ def _pick_up_late(
     candidates = session.execute(
         select(oldest.c.id, oldest.c.incident_id).order_by(oldest.c.scheduled_at).limit(room)
     ).all()
+    return _execute_others(session, candidates, now, settings, outbox)
+
+
+def _execute_others(
+    session: Session, candidates: list, now: datetime, settings: EngineSettings, outbox: Outbox
+) -> int:
+    """Execute the (escalation id, incident id) candidates of other messages that no other
+    transaction holds; returns how many it executed.
+
+    In a savepoint, with a copy of the outbox: a level of another message whose step fails (a
+    corrupt row, a bug) must not fail this batch, nor every batch that picks it up after it. It is
+    left to its own message (which fails alone) and the sweep; the batch commits without it.
+    """
     if not candidates:
         return 0
+    trial = copy.deepcopy(outbox)
+    try:
+        with savepoint(session):
+            picked = _execute_candidates(session, candidates, now, settings, trial)
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the batch goes on without them
+        outbox.note(f"[ESCALATION] levels of other messages left to their own messages: {exc!r}")
+        return 0
+    vars(outbox).update(vars(trial))
+    return picked
+
+
+def _execute_candidates(
+    session: Session, candidates: list, now: datetime, settings: EngineSettings, outbox: Outbox
+) -> int:
     incidents = {
         incident.id: incident
         for incident in session.scalars(

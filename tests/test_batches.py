@@ -63,6 +63,15 @@ def db(migrated_database):
     factory.kw["bind"].dispose()
 
 
+@pytest.fixture(autouse=True)
+def quiet(request):
+    """Each test starts with no level pending but its own: a batch also runs other messages' levels
+    that are due, and the earlier tests' next levels fall due while the module runs."""
+    if "db" in request.fixturenames:
+        with request.getfixturevalue("db").begin() as session:
+            session.execute(text("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'"))
+
+
 def escalating(db, count: int) -> list[uuid.UUID]:
     """`count` incidents escalated by POLICIES, their level 1 made due a second ago; level 1's ids."""
     tenant = f"t-{uuid.uuid4().hex[:8]}"
@@ -149,8 +158,6 @@ def test_an_early_level_of_a_batch_is_handed_back_only_by_its_own_message(db):
 
 
 def test_a_batch_also_runs_the_oldest_late_level_of_each_tenant(db):
-    with db.begin() as session:  # the earlier tests' levels, some of them late by now
-        session.execute(text("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'"))
     own = escalating(db, 1)
     storm = escalating(db, 3)  # one tenant's backlog
     lone = escalating(db, 1)  # another tenant's level, late behind it
@@ -166,12 +173,73 @@ def test_a_batch_also_runs_the_oldest_late_level_of_each_tenant(db):
 
 
 def test_a_batch_on_time_does_not_look_for_late_levels(db):
-    """Only a batch late itself takes others' late levels: a worker on time has no backlog."""
-    with db.begin() as session:  # the earlier tests' levels, some of them late by now
-        session.execute(text("UPDATE escalations SET status = 'CANCELLED' WHERE status = 'PENDING'"))
+    """Only a batch late itself takes others' late levels: a worker on time has no backlog. (A full
+    batch, so that the levels due by now are not taken either.)"""
     own = escalating(db, 1)
     late = escalating(db, 1)
     make_late(db, (own, 0.1), (late, 1.0))
+    full = EngineSettings(batch_size=1, late_window_s=3, late_batch=2)
     with db.begin() as session:
-        assert engine.execute(session, own, None, SETTINGS, Outbox()) == {"executed": 1}
+        assert engine.execute(session, own, None, full, Outbox()) == {"executed": 1}
     assert {r.id: r.status for r in rows(db, own + late)} == {own[0]: "EXECUTED", late[0]: "PENDING"}
+
+
+def test_a_batch_fills_up_with_levels_of_other_messages_due_by_now(db):
+    """Each escalate request publishes its level 1 alone: levels due together run together."""
+    own = escalating(db, 1)
+    others = escalating(db, 3)  # due as long ago as own, each in a message of its own
+    make_late(db, (own, 0.1), (others, 0.2))  # on time: no late look, the due ones only
+    outbox = Outbox()
+    with db.begin() as session:
+        assert engine.execute(session, own, None, SETTINGS, outbox) == {"executed": 1, "picked up": 2}
+    executed = [r for r in rows(db, own + others) if r.status == "EXECUTED"]
+    assert len(executed) == SETTINGS.batch_size
+    picked = [r.id for r in executed if r.id not in own]
+    # The earliest due first; their next levels travel in one message.
+    assert sorted(r.scheduled_at for r in rows(db, others))[:2] == sorted(
+        r.scheduled_at for r in rows(db, picked)
+    )
+    [message] = outbox.publish
+    assert len(message.escalation_ids) == SETTINGS.batch_size
+    # A picked-up level's own message finds it executed, and takes the one still due.
+    with db.begin() as session:
+        outcomes = engine.execute(session, picked[:1], None, SETTINGS, Outbox())
+    assert outcomes == {"duplicate": 1, "picked up": 1}
+    assert all(r.status == "EXECUTED" for r in rows(db, own + others))
+
+
+def test_a_broken_level_of_another_message_is_left_to_it_and_fails_no_batch(db):
+    """A level whose step fails (its incident's stored levels are corrupt: the next level cannot be
+    scheduled) is picked up in a savepoint: the batch commits without it, and the next batch does
+    the same, instead of every batch failing on it."""
+    own = escalating(db, 2)
+    broken = escalating(db, 1)
+    make_late(db, (own, 0.1), (broken, 0.2))
+    corrupt = '[{"delay_ms": 0, "notify": ["in_app"]}, {"delay_ms": 1000}]'
+    of_broken = "(SELECT incident_id FROM escalations WHERE id = :id)"
+    with db.begin() as session:
+        session.execute(
+            text(f"UPDATE incidents SET policy_levels = CAST(:levels AS JSONB) WHERE id = {of_broken}"),
+            {"levels": corrupt, "id": broken[0]},
+        )
+
+    def written() -> tuple[int, int]:
+        """The broken incident's timeline entries and escalations."""
+        with db() as session:
+            return tuple(
+                session.scalar(
+                    text(f"SELECT count(*) FROM {table} WHERE incident_id = {of_broken}"), {"id": broken[0]}
+                )
+                for table in ("incident_events", "escalations")
+            )
+
+    before = written()
+    for one in own:
+        outbox = Outbox()
+        with db.begin() as session:
+            assert engine.execute(session, [one], None, SETTINGS, outbox) == {"executed": 1}
+        assert len(outbox.publish) == 1  # its own next level, nothing of the broken one's
+        assert any("left to their own messages" in line for line, _ids in outbox.log)
+    statuses = {r.id: r.status for r in rows(db, own + broken)}
+    assert statuses == {own[0]: "EXECUTED", own[1]: "EXECUTED", broken[0]: "PENDING"}
+    assert written() == before  # nothing of the rolled-back step: no timeline entry, no next level
