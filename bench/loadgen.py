@@ -117,27 +117,16 @@ async def _async_load(base_url, mode, token, connections, duration, start) -> di
             path, payload = "/incidents", body
         else:
             path, payload = f"/incidents/{seq_id(next(counter))}/{mode}", b""
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-        )
-        return head.encode() + payload
+        return _post(parts.netloc, token, path, payload)
 
     async def connection():
         nonlocal errors
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         while time.perf_counter() < deadline:
             sent = time.perf_counter()
-            writer.write(request())
-            status_line = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
+            ok, _body = await _exchange(reader, writer, request())
             latencies.append(time.perf_counter() - sent)
-            if not status_line.split(b" ")[1].startswith(b"2"):
-                errors += 1
+            errors += not ok
         writer.close()
 
     began = time.perf_counter()
@@ -154,6 +143,92 @@ async def _async_load(base_url, mode, token, connections, duration, start) -> di
         "max": max(ms),
         "errors": errors,
     }
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes):
+    """One request on a kept-alive HTTP/1.1 connection: (2xx?, the response body)."""
+    writer.write(request)
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    body = await reader.readexactly(length)
+    return status_line.split(b" ")[1].startswith(b"2"), body
+
+
+def _post(netloc: str, token: str, path: str, payload: bytes = b"") -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {netloc}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+def create_incidents(base_url: str, token: str, count: int, connections: int = 8) -> list[str]:
+    """POST /incidents `count` times over `connections` kept-alive connections; the new ids."""
+
+    async def run() -> list[str]:
+        parts, todo, ids = urlsplit(base_url), iter(range(count)), []
+        payload = b'{"title": "checkout is down", "severity": "high"}'
+
+        async def connection():
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            for _ in todo:
+                ok, body = await _exchange(reader, writer, _post(parts.netloc, token, "/incidents", payload))
+                if not ok:
+                    raise RuntimeError(f"POST /incidents failed: {body[:200]!r}")
+                ids.append(json.loads(body)["id"])
+            writer.close()
+
+        await asyncio.gather(*(connection() for _ in range(connections)))
+        return ids
+
+    return asyncio.run(run())
+
+
+def paced_posts(base_url: str, token: str, paths: list[str], rate: float, connections: int = 32) -> dict:
+    """POST each path (no body) at a steady `rate` per second, open loop: the n-th is due n / rate s
+    after the first and goes out on the first free connection. Says how the schedule was kept (the
+    most a request went out behind it) beside the latencies."""
+
+    async def run() -> dict:
+        parts, queue = urlsplit(base_url), asyncio.Queue()
+        latencies, behind, errors = [], [], 0
+        began = time.perf_counter()
+
+        async def connection():
+            nonlocal errors
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            while (item := await queue.get()) is not None:
+                due, path = item
+                sent = time.perf_counter()
+                behind.append(sent - due)
+                ok, _body = await _exchange(reader, writer, _post(parts.netloc, token, path))
+                latencies.append(time.perf_counter() - sent)
+                errors += not ok
+            writer.close()
+
+        workers = [asyncio.create_task(connection()) for _ in range(connections)]
+        for n, path in enumerate(paths):
+            due = began + n / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            queue.put_nowait((due, path))
+        for _ in workers:
+            queue.put_nowait(None)
+        await asyncio.gather(*workers)
+        ms = [x * 1000 for x in latencies]
+        return {
+            "requests": len(ms),
+            "rps": len(ms) / (time.perf_counter() - began),
+            "p50": percentile(ms, 50),
+            "p99": percentile(ms, 99),
+            "max": max(ms, default=float("nan")),
+            "behind_max_ms": 1000 * max(behind, default=0.0),
+            "errors": errors,
+        }
+
+    return asyncio.run(run())
 
 
 def pgbench_binary() -> str | None:

@@ -48,6 +48,9 @@ class Config:
     storm_tenants: int = 100
     storm_notify: bool = True
     storm_notify_settle: float = 180
+    # The storm once more through the API: storm_incidents escalated by HTTP at this many a second
+    # (created by HTTP first), with the first storm_workers count of workers; 0: not run.
+    storm_api_rate: float = 150
     rate_escalations: int = 10_000
     rate_noops: int = 4_000
     rate_concurrency: int = 8  # an extra escalation run with this many children (0: none)
@@ -109,6 +112,7 @@ SMOKE = dict(
     storm_timeout=60,
     storm_tenants=6,  # 10 incidents each: every email within its contact's throttle, sent at once
     storm_notify_settle=60,
+    storm_api_rate=60,
     rate_escalations=300,  # three batches: a rate needs more than one transaction's clock
     rate_noops=100,
     rate_concurrency=0,

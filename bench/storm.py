@@ -4,7 +4,10 @@ scheduled_at for every level, and whether any was lost or executed twice.
 
 Run once more with notifications on: one email contact per tenant, the notifier (the Procfile's
 process) delivering to a local SMTP sink while the storm runs, beside the run without contacts
-(level 1's in-app entries are written in both)."""
+(level 1's in-app entries are written in both).
+
+And once through the API: the incidents created and escalated by HTTP, at a steady rate, the web
+process running beside the worker."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from bench.common import (
     log_lines,
     percentile,
     publish_escalations,
+    queue_length,
     seed_contacts,
     seed_escalating,
     tenant_name,
@@ -67,12 +71,38 @@ def storm(
     if notifier:
         pids.update(notifier=notifier.process.pid, sink=sink.process.pid)
     with CpuMeter(**pids) as meter:
-        deadline = time.monotonic() + lead_s + window_s + timeout_s
-        while time.monotonic() < deadline:
-            done = bench.sql("SELECT count(*) FROM escalations WHERE status = 'EXECUTED'", fetch=True)[0][0]
-            if done >= expected:
-                break
-            time.sleep(1)
+        wait_executed(bench, expected, lead_s + window_s + timeout_s)
+    outcome = executions(bench, procs, expected)
+    notifications = settle(bench, notifier, sink, meter, notify_settle_s) if notifier else None
+    return {
+        "workers": workers,
+        "incidents": incidents,
+        "tenants": tenants,
+        "window_s": window_s,
+        "lead_s": lead_s,
+        "handover_s": handover_s,
+        "timeout_s": timeout_s,
+        **outcome,
+        "worker_cpu_s": sum(cpu for name, cpu in meter.cpu.items() if name.startswith("w")),
+        "wall_s": meter.wall,
+        "machine_busy": meter.machine,
+        "notifications": notifications,
+    }
+
+
+def wait_executed(bench: Bench, expected: int, wait_s: float) -> None:
+    """Wait up to wait_s for `expected` levels to have executed."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        done = bench.sql("SELECT count(*) FROM escalations WHERE status = 'EXECUTED'", fetch=True)[0][0]
+        if done >= expected:
+            break
+        time.sleep(1)
+
+
+def executions(bench: Bench, procs, expected: int) -> dict:
+    """Stop the workers, then measure what they did: lateness by level (levels still pending past
+    their due time count with their lateness so far), what was lost or doubled, the rate."""
     lateness = bench.sql(
         "SELECT escalation_level, extract(epoch FROM executed_at - scheduled_at) * 1000 "
         "FROM escalations WHERE status = 'EXECUTED'",
@@ -97,9 +127,7 @@ def storm(
     fenced = sum(len(log_lines(p.log_path, "duplicate, nothing to do", p._offset)) for p in procs)
     for proc in procs:
         bench.stop(proc)
-    notifications = settle(bench, notifier, sink, meter, notify_settle_s) if notifier else None
-    all_ms = [float(ms) for _level, ms in lateness + censored]
-    level1 = [float(ms) for level, ms in lateness + censored if level == 1]
+    late = lateness + censored
 
     def pct(values):
         return {
@@ -110,31 +138,52 @@ def storm(
         }
 
     return {
-        "workers": workers,
-        "incidents": incidents,
-        "tenants": tenants,
-        "window_s": window_s,
-        "lead_s": lead_s,
-        "handover_s": handover_s,
         "expected": expected,
         "executed": statuses.get("EXECUTED", 0),
         "pending": statuses.get("PENDING", 0),
         "unfinished": expected - statuses.get("EXECUTED", 0),
-        "timeout_s": timeout_s,
         "incidents_not_3": short,
         "doubled": doubled,
         "fenced_duplicates": fenced,
-        "all": pct(all_ms),
-        "level1": pct(level1),
-        "levels": {
-            level: pct([float(ms) for lv, ms in lateness + censored if lv == level]) for level in (1, 2, 3)
-        },
+        "all": pct([float(ms) for _level, ms in late]),
+        "level1": pct([float(ms) for level, ms in late if level == 1]),
+        "levels": {level: pct([float(ms) for lv, ms in late if lv == level]) for level in (1, 2, 3)},
         "censored": len(censored),
         "rate": (len(lateness) / float(span)) if span else float("nan"),
+    }
+
+
+def api_storm(bench: Bench, incidents: int, rate: float, workers: int, timeout_s: float) -> dict:
+    """The storm arriving through the API: `incidents` created by POST /incidents, then escalated by
+    POST /incidents/{id}/escalate at a steady `rate` per second (no rows seeded), with the web (the
+    Procfile's gunicorn) and the workers sharing the machine as they would."""
+    from bench.loadgen import create_incidents, paced_posts
+
+    web = bench.web()
+    url = f"http://127.0.0.1:{web.port}"
+    token, _hash, _key_id = bench.make_key()
+    ids = create_incidents(url, token, incidents)
+    procs = [bench.worker(f"worker{k}", beat=(k == 0)) for k in range(workers)]
+    pids = {f"w{k}": p.process.pid for k, p in enumerate(procs)} | {"web": web.process.pid}
+    with CpuMeter(**pids) as meter:
+        load = paced_posts(url, token, [f"/incidents/{i}/escalate" for i in ids], rate)
+        wait_executed(bench, 3 * incidents, timeout_s)
+    # Messages whose levels a batch ran before them (_pick_up_due): each is a no-op when it comes.
+    queued = queue_length(bench.queue)
+    bench.stop(web)
+    outcome = executions(bench, procs, 3 * incidents)
+    return {
+        "workers": workers,
+        "incidents": incidents,
+        "asked_rate": rate,
+        "http": load,
+        "queued_after": queued,
+        "timeout_s": timeout_s,
+        **outcome,
         "worker_cpu_s": sum(cpu for name, cpu in meter.cpu.items() if name.startswith("w")),
+        "web_cpu_s": meter.cpu["web"],
         "wall_s": meter.wall,
         "machine_busy": meter.machine,
-        "notifications": notifications,
     }
 
 
@@ -192,4 +241,10 @@ def run(cfg, run_id: str, log_dir) -> dict:
             # Right after the run it is compared with, so that both see the machine alike.
             with Bench(f"stormnotify{workers}", run_id, log_dir) as bench:
                 notified = storm(bench, *sizes, workers, *limits, notify_settle_s=cfg.storm_notify_settle)
-    return {"runs": results, "notified": notified}
+    api = None
+    if cfg.storm_api_rate:
+        with Bench("stormapi", run_id, log_dir) as bench:
+            api = api_storm(
+                bench, cfg.storm_incidents, cfg.storm_api_rate, cfg.storm_workers[0], cfg.storm_timeout
+            )
+    return {"runs": results, "notified": notified, "api": api}

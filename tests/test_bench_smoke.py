@@ -69,6 +69,14 @@ def test_storm_with_notifications_delivers_every_email(results):
     assert number(sent["notifier_cpu_s"])
 
 
+def test_storm_through_the_api_executes_every_level_once(results):
+    storm = run(results, "storm")["api"]
+    assert storm["unfinished"] == 0 and storm["doubled"] == 0
+    assert storm["executed"] == storm["expected"] == 3 * storm["incidents"]
+    assert storm["http"]["requests"] == storm["incidents"] and storm["http"]["errors"] == 0
+    assert number(storm["levels"][3]["p99"]) and number(storm["web_cpu_s"])
+
+
 def test_exec_rate_measures_escalations_and_the_noop_floor(results):
     res = run(results, "exec_rate")
     assert res["runs"][0]["executed_total"] == res["escalations"]
