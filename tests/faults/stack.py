@@ -541,6 +541,11 @@ class Stack:
         handed = sum(int(n) for n in re.findall(r"\[SWEEP\] handed over (\d+)", logs))
         return redelivered, handed
 
+    def picked_up(self) -> int:
+        """Levels that batches took from other messages (models/engine.py: the late ones, and those
+        due before their own message ran), from the task results the workers logged."""
+        return sum(int(n) for n in re.findall(r"'picked up': (\d+)", "".join(self.worker_logs())))
+
     def terminated_tasks(self) -> frozenset[str]:
         """escalations.execute tasks a worker terminated itself on a broker connection loss (Celery's
         worker_cancel_long_running_tasks_on_connection_loss: "cannot be acknowledged after a

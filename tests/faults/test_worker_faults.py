@@ -50,10 +50,13 @@ def test_s1_worker_killed_while_hundreds_are_due(make_stack):
 
 
 def _stuck_in_execute(stack) -> int:
-    """Worker transactions that hold their incident's lock and wait for the escalation row's."""
+    """Worker transactions that hold their incident's lock and wait for the escalation row's: the
+    batch's select of its escalations (FOR UPDATE; the other selects of escalation rows that lock
+    skip locked rows and never wait). Matched by its start: pg_stat_activity keeps the first 1 kB of
+    a query, and a full batch's list of ids pushes its FOR UPDATE beyond that."""
     return stack.sql(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query ILIKE '%FROM escalations%FOR UPDATE%' AND query NOT ILIKE '%SKIP LOCKED%'"
+        "AND query ILIKE 'SELECT escalations.id,%' AND query NOT ILIKE '%SKIP LOCKED%'"
     )[0][0]
 
 
