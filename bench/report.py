@@ -294,7 +294,8 @@ def storm_through_api(run: dict) -> tuple[list[str], list[tuple]]:
     label = f"storm through the API ({run['incidents']:,} escalated by HTTP at {f(run['asked_rate'])}/s)"
     targets = [
         (
-            f"{label}: p99 lateness <= 1 s at every level",
+            f"{label}: p99 lateness <= 1 s at every level (was: not measured; 7.6 s with 1,000 incidents "
+            "before batches took other messages' due levels, bench/NOTES.md 2)",
             f"{mark}{f(worst)} ms",
             worst <= 1000 and not run["unfinished"] and not http["errors"],
         ),
