@@ -317,7 +317,7 @@ _N, _C = Notification.__table__, Contact.__table__
 # notification for it (whose foreign key takes KEY SHARE on the contact) does not wait for one.
 _LOCK_CONTACT = (
     select(_C.c.tenant, _C.c.channel, _C.c.enabled, _C.c.deleted_at)
-    .where(_C.c.id == bindparam("contact_id"))
+    .where(_C.c.id == bindparam("contact"))
     .with_for_update(key_share=True)
 )
 # The claim's clock: the start of the statement after the lock was granted (a clock read in the
@@ -325,7 +325,8 @@ _LOCK_CONTACT = (
 # this contact did.
 _NOW = func.statement_timestamp()
 _WINDOW_START = _NOW - bindparam("window", type_=Interval)
-_MINE = and_(_N.c.contact_id == bindparam("contact_id"), _N.c.status == PENDING)
+# (Bind parameters are not named after columns: an UPDATE reserves those names for its SET clause.)
+_MINE = and_(_N.c.contact_id == bindparam("contact"), _N.c.status == PENDING)
 # Messages are rows that are not digest members: a digest is one message however many it holds.
 _IN_WINDOW = and_(
     _N.c.digest_id.is_(None),
@@ -340,7 +341,7 @@ _WEIGH = select(
     func.count().filter(_IN_WINDOW),
     func.min(_N.c.sent_at).filter(_IN_WINDOW),
 ).where(
-    _N.c.contact_id == bindparam("contact_id"),
+    _N.c.contact_id == bindparam("contact"),
     or_(_N.c.status == SENDING, _N.c.sent_at > _WINDOW_START),
 )
 _DUE = (
@@ -378,12 +379,11 @@ def claim(session: Session, contact_id: uuid.UUID, token: uuid.UUID, settings: N
     The contact's row lock serialises claims, so two deliverers never overrun the throttle together.
     """
     conn = session.connection()
-    found = conn.execute(_LOCK_CONTACT, {"contact_id": contact_id}).one_or_none()
+    found = conn.execute(_LOCK_CONTACT, {"contact": contact_id}).one_or_none()
     if found is None:
         return Claim()
     tenant, channel, enabled, deleted_at = found
-    mine = and_(Notification.contact_id == contact_id, Notification.status == PENDING)
-    params = {"contact_id": contact_id, "token": token, "window": timedelta(seconds=settings.window_s)}
+    params = {"contact": contact_id, "token": token, "window": timedelta(seconds=settings.window_s)}
     now, busy, used, oldest = conn.execute(_WEIGH, params).one()
     params["now"] = now
     # One deliverer at a time per contact: another one's live claim means it is at work here, and it
@@ -394,11 +394,9 @@ def claim(session: Session, contact_id: uuid.UUID, token: uuid.UUID, settings: N
         return Claim(busy=True)
     if deleted_at is not None or not enabled:
         why = "contact deleted" if deleted_at is not None else "contact disabled"
-        session.execute(
-            update(Notification)
-            .where(mine)
-            .values(status=NotificationStatus.SKIPPED, last_error=why, updated_at=now),
-            execution_options={"synchronize_session": False},
+        conn.execute(
+            update(_N).where(_MINE).values(status=NotificationStatus.SKIPPED, last_error=why, updated_at=now),
+            params,
         )
         return Claim()
     due = conn.execute(_DUE, params).all()
@@ -408,12 +406,13 @@ def claim(session: Session, contact_id: uuid.UUID, token: uuid.UUID, settings: N
     if capacity <= 0:
         wake_at = (oldest + timedelta(seconds=settings.window_s)) if oldest else now + timedelta(seconds=1)
         # Rows an earlier claim already set to wait for this very moment: their wake-up is on its way.
-        scheduled = session.scalar(
+        scheduled = conn.scalar(
             select(
-                select(Notification.id)
-                .where(mine, Notification.next_attempt_at == wake_at, Notification.digest_id.is_(None))
+                select(_N.c.id)
+                .where(_MINE, _N.c.next_attempt_at == wake_at, _N.c.digest_id.is_(None))
                 .exists()
-            )
+            ),
+            params,
         )
         _wait(session, due, wake_at)
         return Claim(wake_at=wake_at, wake_scheduled=scheduled)
