@@ -49,18 +49,20 @@ TENANT_POLICY = text(
     "tenant_policies.tenant = :tenant AND tenant_policies.name = :name ORDER BY tenant_policies.version "
     "DESC LIMIT 1"
 )
-CLOCK = text("SELECT clock_timestamp() AS clock_timestamp_1")
 INSERT_ESCALATION = text(
     "INSERT INTO escalations (id, incident_id, escalation_level, status, notify, scheduled_at, "
     "executed_at, task_id, published_at, created_at, updated_at) VALUES (:id, :incident_id, 1, "
     "'PENDING', CAST(:notify AS JSONB), :scheduled_at, NULL, :task_id, :now, :now, :now)"
 )
+# A transition's UPDATE stamps the incident with the database's clock and returns it (the step's time).
 ESCALATE_INCIDENT = text(
-    "UPDATE incidents SET state='ESCALATING', policy_levels=CAST(:levels AS JSONB), updated_at=:now, "
-    "escalated_at=:now WHERE incidents.id = :id"
+    "UPDATE incidents SET state='ESCALATING', policy_levels=CAST(:levels AS JSONB), "
+    "updated_at=statement_timestamp(), escalated_at=statement_timestamp() WHERE incidents.id = :id "
+    "RETURNING incidents.updated_at"
 )
 RESOLVE_INCIDENT = text(
-    "UPDATE incidents SET state='RESOLVED', updated_at=:now, resolved_at=:now WHERE incidents.id = :id"
+    "UPDATE incidents SET state='RESOLVED', updated_at=statement_timestamp(), "
+    "resolved_at=statement_timestamp() WHERE incidents.id = :id RETURNING incidents.updated_at"
 )
 CANCEL_PENDING = text(
     "UPDATE escalations SET status='CANCELLED', updated_at=:now WHERE escalations.incident_id = :id "
@@ -152,10 +154,10 @@ def create_app() -> Flask:
                 conn.execute(SKIP_UNSENT, {"id": incident_id})
             if action == "escalate":
                 conn.execute(TENANT_POLICY, {"tenant": key.tenant, "name": "fast"}).first()
-            now = conn.scalar(CLOCK)
-            if action == "escalate":
                 if incident.state != "OPEN":
                     abort(409)
+                levels = {"levels": json.dumps(FAST_LEVELS), "id": incident_id}
+                now = conn.execute(ESCALATE_INCIDENT, levels).scalar_one()
                 conn.execute(
                     INSERT_ESCALATION,
                     {
@@ -167,14 +169,11 @@ def create_app() -> Flask:
                         "now": now,
                     },
                 )
-                conn.execute(
-                    ESCALATE_INCIDENT, {"levels": json.dumps(FAST_LEVELS), "now": now, "id": incident_id}
-                )
                 data, state = {"policy": "fast", "levels": 3}, "ESCALATING"
             else:
                 if incident.state not in ("OPEN", "ESCALATING", "ACKNOWLEDGED"):
                     abort(409)
-                conn.execute(RESOLVE_INCIDENT, {"now": now, "id": incident_id})
+                now = conn.execute(RESOLVE_INCIDENT, {"id": incident_id}).scalar_one()
                 cancelled = conn.execute(CANCEL_PENDING, {"now": now, "id": incident_id}).rowcount
                 if incident.escalated_at is not None:
                     notified = {"now": now, "id": incident_id, "tenant": key.tenant}

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -105,9 +105,14 @@ class Outbox:
         return message.task_id
 
 
+# Statements run on every request or step are built once, here: building one per call (and its cache
+# key) cost more CPU than executing it (docs/BENCHMARKS.md section 1).
+_CLOCK = select(func.clock_timestamp())
+
+
 def db_now(session: Session) -> datetime:
     """The database's clock, read now (not at transaction start): every due time is judged by it."""
-    return session.scalar(select(func.clock_timestamp()))
+    return session.scalar(_CLOCK)
 
 
 # Incidents are locked FOR NO KEY UPDATE: it serialises every engine step on an incident as FOR UPDATE
@@ -116,18 +121,25 @@ def db_now(session: Session) -> datetime:
 # a transition locks the incident and then waits for that row: with FOR UPDATE the two deadlock.
 INCIDENT_LOCK = {"key_share": True}
 
+_LOCK = select(Incident).where(Incident.id == bindparam("incident_id")).with_for_update(**INCIDENT_LOCK)
+_LOCK_OF_TENANT = _LOCK.where(Incident.tenant == bindparam("tenant"))
+
 
 def lock_incident(session: Session, incident_id: uuid.UUID, tenant: str | None = None) -> Incident | None:
     """Load the incident under a row lock (SELECT ... FOR NO KEY UPDATE), optionally within one tenant."""
-    stmt = select(Incident).where(Incident.id == incident_id).with_for_update(**INCIDENT_LOCK)
-    if tenant is not None:
-        stmt = stmt.where(Incident.tenant == tenant)
-    return session.scalars(stmt).one_or_none()
+    if tenant is None:
+        return session.scalars(_LOCK, {"incident_id": incident_id}).one_or_none()
+    return session.scalars(_LOCK_OF_TENANT, {"incident_id": incident_id, "tenant": tenant}).one_or_none()
 
 
 # Reports of an active incident's dedup_key add to its report_count each time, and to its timeline
 # at most this often.
 REPORTED_AGAIN_EVERY = timedelta(minutes=1)
+
+
+# The columns are the parameters' (compiled once per set of names); RETURNING fills in what the
+# database set (created_at: the timeline entry shares it).
+_INSERT_INCIDENT = insert(Incident.__table__).returning(*Incident.__table__.c)
 
 
 class QuotaExceeded(Exception):
@@ -150,17 +162,8 @@ def report(
         try:
             # A savepoint only where a conflict is possible: it costs two round trips.
             with session.begin_nested() if incident.dedup_key else nullcontext():
-                # A Core INSERT, not the unit of work (models/db.py says why); RETURNING fills in
-                # what the database set (created_at: the timeline entry shares it).
-                inserted = (
-                    session.connection()
-                    .execute(
-                        insert(Incident.__table__)
-                        .values(**_columns(incident))
-                        .returning(*Incident.__table__.c)
-                    )
-                    .one()
-                )
+                # A Core INSERT, not the unit of work (models/db.py says why).
+                inserted = session.connection().execute(_INSERT_INCIDENT, _columns(incident)).one()
         except IntegrityError as exc:
             if exc.orig.diag.constraint_name != DEDUP_INDEX:
                 raise
@@ -271,6 +274,13 @@ def _schedule_level(
     return escalation
 
 
+_CANCEL_PENDING = (
+    update(Escalation.__table__)
+    .where(Escalation.incident_id == bindparam("of_incident"), Escalation.status == PENDING)
+    .values(status=EscalationStatus.CANCELLED, updated_at=bindparam("now"))
+)
+
+
 def cancel_pending(session: Session, incident_id: uuid.UUID, now: datetime, outbox: Outbox) -> int:
     """Mark every PENDING escalation of the incident CANCELLED: the row is what stops the level.
 
@@ -278,12 +288,8 @@ def cancel_pending(session: Session, incident_id: uuid.UUID, now: datetime, outb
     the broker gone it held a resolve request for as long as the outage lasted (RabbitMQ and Redis
     alike). A cancelled level's task wakes a worker, which finds it CANCELLED and does nothing.
     """
-    cancelled = session.execute(
-        update(Escalation)
-        .where(Escalation.incident_id == incident_id, Escalation.status == PENDING)
-        .values(status=EscalationStatus.CANCELLED, updated_at=now),
-        execution_options={"synchronize_session": False},
-    ).rowcount
+    params = {"of_incident": incident_id, "now": now}
+    cancelled = session.execute(_CANCEL_PENDING, params).rowcount  # after the queued inserts
     if cancelled:
         outbox.note(
             f"[ESCALATION] Cancelled {cancelled} pending escalation(s) for incident {incident_id}",
@@ -319,15 +325,32 @@ def record_event(
         queue_insert(session, INSERT_EVENT, {**row, "at": at})
 
 
-def _update(session: Session, incident: Incident, changes: dict) -> None:
-    """UPDATE the locked incident with a Core statement now, and set the values on the loaded object
-    as if loaded so (no flush: models/db.py says why). Only for an incident with no change pending in
-    the unit of work: a later flush would write those over these."""
-    session.connection().execute(
-        update(Incident.__table__).where(Incident.__table__.c.id == incident.id).values(changes)
-    )
-    for name, value in changes.items():
-        set_committed_value(incident, name, value)
+# A transition's UPDATE, one per state reached. Its SET clause is the parameters' columns (compiled
+# and cached once per set of names) and the timestamps, which it reads from the database's clock and
+# returns: one round trip less than reading the clock first (the request path's cost is its round
+# trips and the Python around each). statement_timestamp() is one reading for both columns, and the
+# statement begins after lock_incident() took the lock, so it is the step's time, as db_now() after
+# the lock would be. The key's parameter is not named after a column: an UPDATE reserves those.
+_TRANSITION_UPDATE = {
+    state: update(Incident.__table__)
+    .where(Incident.__table__.c.id == bindparam("incident_key"))
+    .values({"updated_at": func.statement_timestamp(), column: func.statement_timestamp()})
+    .returning(Incident.__table__.c.updated_at)
+    for state, column in STATE_TIMESTAMP.items()
+}
+
+
+def _update(session: Session, incident: Incident, target: State, changes: dict) -> datetime:
+    """UPDATE the locked incident to `target` with `changes`, stamped with the database's clock, and
+    set the values on the loaded object as if loaded so (no flush: models/db.py says why); returns
+    the stamp. Only for an incident with no change pending in the unit of work: a later flush would
+    write those over these."""
+    params = {"incident_key": incident.id, "state": target, **changes}
+    now = session.connection().execute(_TRANSITION_UPDATE[target], params).scalar_one()
+    for name, value in {**params, "updated_at": now, STATE_TIMESTAMP[target]: now}.items():
+        if name != "incident_key":
+            set_committed_value(incident, name, value)
+    return now
 
 
 def transition(
@@ -348,8 +371,7 @@ def transition(
     notify.skip_unsent(session, incident, target)  # may wait for a send in flight: before the clock
     if target is State.ESCALATING:
         policy, own = tenant_policy.escalation_policy(session, policies, incident)
-    now = db_now(session)
-    changes = {"state": target, "updated_at": now, STATE_TIMESTAMP[target]: now}
+    changes: dict = {}
     data: dict = {"note": note} if note else {}
     if target is State.ESCALATING:
         changes.update(
@@ -358,7 +380,7 @@ def transition(
             policy_ack_timeout_ms=policy.ack_timeout_ms,
             policy_version=own.version if own else None,
         )
-    _update(session, incident, changes)
+    now = _update(session, incident, target, changes)
     if target is State.ESCALATING:
         data.update(policy=policy.name, levels=len(policy.levels), repeat=policy.repeat)
         if own:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, DateTime, String, func, select
+from sqlalchemy import CheckConstraint, DateTime, String, bindparam, func, select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
@@ -49,15 +49,20 @@ class TooManyPolicies(Exception):
     """The tenant has MAX_TENANT_POLICIES policies of its own: a policy of a new name is refused."""
 
 
+# Built once: every escalate request runs it (models/engine.py says why).
+_LATEST = (
+    select(TenantPolicy)
+    .where(TenantPolicy.tenant == bindparam("tenant"), TenantPolicy.name == bindparam("name"))
+    .order_by(TenantPolicy.version.desc())
+    .limit(1)
+)
+_LATEST_LOCKED = _LATEST.with_for_update()
+
+
 def latest(session: Session, tenant: str, name: str, *, lock: bool = False) -> TenantPolicy | None:
     """The latest version of the tenant's policy `name`, deleted or not; None if it never had one."""
-    stmt = (
-        select(TenantPolicy)
-        .where(TenantPolicy.tenant == tenant, TenantPolicy.name == name)
-        .order_by(TenantPolicy.version.desc())
-        .limit(1)
-    )
-    return session.scalars(stmt.with_for_update() if lock else stmt).one_or_none()
+    stmt = _LATEST_LOCKED if lock else _LATEST
+    return session.scalars(stmt, {"tenant": tenant, "name": name}).one_or_none()
 
 
 def current(session: Session, tenant: str) -> list[TenantPolicy]:
