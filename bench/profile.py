@@ -24,7 +24,7 @@ import time
 AREAS = [
     ("authenticate (api/auth.py): API key lookup", ("api/auth.py", "authenticate")),
     ("request parsing (webargs, marshmallow load)", ("webargs/core.py", "parse")),
-    ("lock_incident + db_now (models/engine.py)", ("models/engine.py", "lock_incident")),
+    ("lock_incident (models/engine.py)", ("models/engine.py", "lock_incident")),
     ("ORM flush + COMMIT (Session.commit)", ("sqlalchemy/orm/session.py", "commit")),
     ("deliver: Celery publish + task-sent event", ("tasks/escalation.py", "deliver")),
     ("response serialisation (marshmallow dump)", ("marshmallow/schema.py", "dump")),
