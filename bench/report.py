@@ -264,7 +264,8 @@ def section_storm(res: dict, cfg: dict) -> tuple[list[str], list[tuple]]:
 
 def storm_through_api(run: dict) -> tuple[list[str], list[tuple]]:
     """Section 2's storm arriving through the API."""
-    http, levels = run["http"], run["levels"]
+    # By level number: results read back from JSON (--report-from) have the numbers as strings.
+    http, levels = run["http"], {int(level): lv for level, lv in run["levels"].items()}
     mark = ">= " if run["unfinished"] else ""
     lines = [
         "### Through the API",
