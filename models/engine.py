@@ -345,11 +345,14 @@ def _update(session: Session, incident: Incident, target: State, changes: dict) 
     set the values on the loaded object as if loaded so (no flush: models/db.py says why); returns
     the stamp. Only for an incident with no change pending in the unit of work: a later flush would
     write those over these."""
-    params = {"incident_key": incident.id, "state": target, **changes}
-    now = session.connection().execute(_TRANSITION_UPDATE[target], params).scalar_one()
-    for name, value in {**params, "updated_at": now, STATE_TIMESTAMP[target]: now}.items():
-        if name != "incident_key":
-            set_committed_value(incident, name, value)
+    changes = {"state": target, **changes}
+    now = (
+        session.connection()
+        .execute(_TRANSITION_UPDATE[target], {"incident_key": incident.id, **changes})
+        .scalar_one()
+    )
+    for name, value in {**changes, "updated_at": now, STATE_TIMESTAMP[target]: now}.items():
+        set_committed_value(incident, name, value)
     return now
 
 

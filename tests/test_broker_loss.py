@@ -17,6 +17,8 @@ from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
+QUEUE = "broker-loss"  # the stack's Celery queue, in its private Redis
+
 
 @pytest.fixture(scope="module")
 def db(migrated_database):
@@ -37,7 +39,7 @@ def stack(process_env, tmp_path_factory, db):
         **process_env,
         "DATABASE_URL": db.kw["bind"].url.render_as_string(hide_password=False),
         "REDIS_URL": server.url,
-        "CELERY_QUEUE": "broker-loss",
+        "CELERY_QUEUE": QUEUE,
     }
     web = processes.web(env, directory, name="web-broker-loss").start()
     worker = processes.worker(env, directory, name="worker-broker-loss", beat=True).start()
@@ -138,7 +140,7 @@ def test_worker_survives_a_redis_restart_while_it_holds_eta_escalations(stack, d
                 ),
                 {"ids": ids},
             )
-        return handed_over == len(ids) and redis.Redis.from_url(server.url).llen("broker-loss") == 0
+        return handed_over == len(ids) and redis.Redis.from_url(server.url).llen(QUEUE) == 0
 
     ids = new_escalating(http, 30, policy="held")
     # Every level 1 is held by the worker before Redis goes away.
