@@ -12,6 +12,7 @@ from typing import Any
 from flask import Flask, current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint, abort
+from sqlalchemy import Row
 from werkzeug.routing import BaseConverter
 
 from api.auth import authenticate
@@ -49,7 +50,7 @@ def _file() -> PolicySet:
     return current_app.extensions["policies"]
 
 
-def _describe(policy: Policy, own: TenantPolicy | None) -> dict[str, Any]:
+def _describe(policy: Policy, own: TenantPolicy | Row | None) -> dict[str, Any]:
     """A policy as the API shows it: where it comes from, its levels in the file's notation, its timeline."""
     return {
         "name": policy.name,

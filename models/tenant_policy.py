@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, DateTime, String, bindparam, func, select
+from sqlalchemy import CheckConstraint, DateTime, Row, String, bindparam, func, select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
@@ -40,9 +40,12 @@ class TenantPolicy(Base):
 
     def policy(self) -> Policy:
         """The stored policy, parsed as the file's are."""
-        return parse_policy(
-            self.name, self.body, f"tenant {self.tenant!r}", f"{self.name} version {self.version}"
-        )
+        return _parsed(self)
+
+
+def _parsed(row) -> Policy:
+    """A stored version (the ORM object, or a row of its columns) parsed as the file's policies are."""
+    return parse_policy(row.name, row.body, f"tenant {row.tenant!r}", f"{row.name} version {row.version}")
 
 
 class TooManyPolicies(Exception):
@@ -57,6 +60,15 @@ _LATEST = (
     .limit(1)
 )
 _LATEST_LOCKED = _LATEST.with_for_update()
+# The same, as a row of columns on the session's connection: find() only reads it, and the ORM's
+# loading of an entity cost more than the statement (an escalate request runs it once or twice).
+_COLUMNS = TenantPolicy.__table__.c
+_LATEST_ROW = (
+    select(*_COLUMNS)
+    .where(_COLUMNS.tenant == bindparam("tenant"), _COLUMNS.name == bindparam("name"))
+    .order_by(_COLUMNS.version.desc())
+    .limit(1)
+)
 
 
 def latest(session: Session, tenant: str, name: str, *, lock: bool = False) -> TenantPolicy | None:
@@ -114,22 +126,19 @@ def delete(session: Session, tenant: str, name: str) -> bool:
     return True
 
 
-def find(
-    session: Session, policies: PolicySet, tenant: str, name: str
-) -> tuple[Policy, TenantPolicy | None] | None:
-    """What `name` means to the tenant: its own policy of that name (with the row, for its version),
-    which shadows the file's of the same name; else the file's (row None); None when neither has it."""
-    own = latest(session, tenant, name)
+def find(session: Session, policies: PolicySet, tenant: str, name: str) -> tuple[Policy, Row | None] | None:
+    """What `name` means to the tenant: its own policy of that name (with its row of columns, for its
+    version), which shadows the file's of the same name; else the file's (row None); None when
+    neither has it."""
+    own = session.connection().execute(_LATEST_ROW, {"tenant": tenant, "name": name}).one_or_none()
     if own is not None and own.deleted_at is None:
-        return own.policy(), own
+        return _parsed(own), own
     if name in policies.policies:
         return policies.policies[name], None
     return None
 
 
-def escalation_policy(
-    session: Session, policies: PolicySet, incident: Incident
-) -> tuple[Policy, TenantPolicy | None]:
+def escalation_policy(session: Session, policies: PolicySet, incident: Incident) -> tuple[Policy, Row | None]:
     """The policy an incident escalates by (and the tenant's row, when it is the tenant's own): the one
     it names, else the one its severity maps to, else the default; each name the tenant's own first."""
     name = policies.name_for(incident.policy, incident.severity)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -82,5 +83,16 @@ def on_broker_redis(celery_app: Celery, command: Callable[[Any], Any]) -> Any:
     if not celery_app.conf.broker_url.startswith(("redis://", "rediss://")):
         return None
     with celery_app.pool.acquire(block=True, timeout=2) as connection:
-        with connection.default_channel.conn_or_acquire() as client:
-            return command(client)
+        channel = connection.default_channel
+        client = _clients.get(channel)
+        if client is None or client.connection_pool is not channel.pool:
+            with channel.conn_or_acquire() as client:
+                _clients[channel] = client
+        return command(client)
+
+
+# A client per kombu channel, on the channel's connection pool, kept: kombu builds a new redis.Redis
+# for each use (conn_or_acquire), and building one cost as much CPU as the command it runs (a DEL for
+# each contact the notifier delivers to). A channel that reconnects gets a new pool, and with it a
+# new client; a channel that is closed drops out with its client.
+_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
