@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from datetime import datetime
 
 from celery import shared_task
 from flask import current_app
@@ -137,31 +138,61 @@ def _execute(ids: list[uuid.UUID], task_id: str) -> Counter[str]:
     return outcomes
 
 
-def _broker_lost_its_data() -> bool:
-    """Whether the Redis broker lost its data since the previous sweep looked (restarted empty, or
-    flushed): a key the sweep keeps there is gone, and every message Redis held went with it.
+# The sweep's key in the Redis broker: "kept by the sweep", or the time of a loss whose hand-over
+# again has not finished yet (ISO 8601, the database's clock).
+KEPT = "kept by the sweep"
 
-    Only for Redis (RabbitMQ keeps Celery's durable queues and persistent messages across a
-    restart). The first sweep after a deploy finds no key either: it hands over again what is in
-    flight, a few duplicate wake-ups that the engine's re-check turns into nothing.
+
+def _sentinel() -> str:
+    return f"{current_app.extensions['celery'].conf.task_default_queue}:sweep-sentinel"
+
+
+def _broker_lost_its_data() -> datetime | None:
+    """When the Redis broker lost its data (restarted empty, or flushed): the time before which
+    whatever it was handed is gone; None when it lost nothing.
+
+    A key the sweep keeps there is missing: every message Redis held went with it. The key then
+    holds that time until a sweep has handed everything lost over again: a pass cut short (the
+    broker failing again, the cap on batches, the database) leaves the rest to the next sweep, not
+    to the ordinary grace and backoff. Only for Redis (RabbitMQ keeps Celery's durable queues and
+    persistent messages across a restart). The first sweep after a deploy finds no key either: it
+    hands over again what is in flight, a few duplicate wake-ups that the engine's re-check turns
+    into nothing.
     """
-    celery_app = current_app.extensions["celery"]
-    key = f"{celery_app.conf.task_default_queue}:sweep-sentinel"
+    with current_app.extensions["db"].begin() as session:
+        now = engine.db_now(session)
+
+    def look(client) -> datetime | None:
+        if client.set(_sentinel(), now.isoformat(), nx=True):
+            return now
+        try:
+            return datetime.fromisoformat(client.get(_sentinel()).decode())
+        except (AttributeError, ValueError):  # kept (or gone this instant: the next sweep sees it)
+            return None
+
     try:
-        return bool(on_broker_redis(celery_app, lambda client: client.set(key, "kept by the sweep", nx=True)))
+        return on_broker_redis(current_app.extensions["celery"], look)
     except Exception as exc:  # noqa: BLE001 - a broker that cannot answer cannot be handed anything
         logger.warning("[SWEEP] could not check the broker's sentinel (%s)", exc)
-        return False
+        return None
+
+
+def _loss_handed_over() -> None:
+    # XX: a key gone meanwhile is a new loss, for the next sweep to find.
+    try:
+        on_broker_redis(
+            current_app.extensions["celery"], lambda client: client.set(_sentinel(), KEPT, xx=True)
+        )
+    except Exception as exc:  # noqa: BLE001 - the next sweep hands the loss over again: duplicates only
+        logger.warning("[SWEEP] could not update the broker's sentinel (%s)", exc)
 
 
 @shared_task(name="escalations.sweep")
 def sweep_escalations() -> int:
     """Hand to the broker every PENDING escalation now within the horizon that it does not hold."""
     settings = current_app.extensions["engine_settings"]
-    lost_before = None
-    if _broker_lost_its_data():
-        with current_app.extensions["db"].begin() as session:
-            lost_before = engine.db_now(session)
+    lost_before = _broker_lost_its_data()
+    if lost_before is not None:
         logger.warning("[SWEEP] the broker lost its data: handing over again everything it held")
     total = overdue = 0
     for _ in range(MAX_SWEEP_BATCHES):
@@ -170,7 +201,11 @@ def sweep_escalations() -> int:
             handed, late = engine.sweep(session, settings, outbox, lost_before)
         total += handed
         overdue += late
-        if not deliver(outbox) or handed < settings.sweep_batch:
+        if not deliver(outbox):
+            break
+        if handed < settings.sweep_batch:
+            if lost_before is not None:
+                _loss_handed_over()
             break
     with current_app.extensions["db"].begin() as session:
         metrics.record_sweep(session, settings, handed=total, redelivered=overdue)

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 import requests
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from tests.conftest import insert_key
 from tests.support import processes
@@ -153,3 +153,54 @@ def test_worker_survives_a_redis_restart_while_it_holds_eta_escalations(stack, d
     assert "Unrecoverable error" not in log.read_text()
     # The sweep saw that Redis had lost everything and handed the held levels over again at once.
     assert "[SWEEP] the broker lost its data" in log.read_text()[before:]
+
+
+def test_a_sweep_cut_short_leaves_the_rest_of_the_brokers_loss_to_the_next_sweep(migrated_database):
+    """Redis lost what it held, and the sweep that found out could not hand it all over again (here
+    its cap on batches): the next sweep goes on with the same loss, instead of leaving the rest to
+    the grace and backoff of messages the broker lost (a level minutes late)."""
+    import dataclasses
+    import uuid
+
+    from api import create_app
+    from models.escalation import Escalation
+    from models.policy import parse_policies
+    from tasks.escalation import KEPT, MAX_SWEEP_BATCHES, sweep_escalations
+    from tests.support.incidents import escalate_new
+
+    app = create_app({"DATABASE_URL": migrated_database("sweep_loss")})
+    celery_app = app.extensions["celery"]
+    celery_app.conf.task_default_queue = f"sweep-loss-{uuid.uuid4().hex[:8]}"  # no worker: nothing runs
+    settings = app.extensions["engine_settings"] = dataclasses.replace(
+        app.extensions["engine_settings"], sweep_batch=2
+    )
+    policies = parse_policies(
+        {"default_policy": "p", "policies": {"p": {"levels": [{"delay": "30s", "notify": []}]}}}
+    )
+    in_flight = 2 * MAX_SWEEP_BATCHES + 10
+    db = app.extensions["db"]
+    with db.begin() as session:
+        for _ in range(in_flight):  # level 1 handed to the broker, due in 30 s
+            escalate_new(session, "acme", policies, settings)
+    broker = redis.Redis.from_url(celery_app.conf.broker_url)
+    sentinel = f"{celery_app.conf.task_default_queue}:sweep-sentinel"
+    try:
+        broker.delete(sentinel)  # what a Redis restarted empty shows
+        with app.app_context():
+            sweep_escalations()
+            lost_at = broker.get(sentinel).decode()
+            assert lost_at != KEPT  # cut short: the loss is still to be handed over
+            with db() as session:
+                before = session.scalar(
+                    select(func.count()).where(Escalation.published_at < text(f"'{lost_at}'::timestamptz"))
+                )
+            assert before == in_flight - 2 * MAX_SWEEP_BATCHES
+            sweep_escalations()
+            assert broker.get(sentinel).decode() == KEPT
+            with db() as session:
+                assert not session.scalar(
+                    select(func.count()).where(Escalation.published_at < text(f"'{lost_at}'::timestamptz"))
+                )
+    finally:
+        broker.delete(sentinel, celery_app.conf.task_default_queue)
+        db.kw["bind"].dispose()
