@@ -37,6 +37,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     column,
     func,
     insert,
@@ -48,7 +49,7 @@ from sqlalchemy import (
     values,
 )
 from sqlalchemy.engine import Row
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from models.contact import CONTACT_CHANNELS, Contact
 from models.escalation import Escalation
@@ -88,6 +89,11 @@ class NotifySettings:
     batch: int = 20
     # Due rows nobody took for this long get their contact's deliverer woken by the sweep.
     redelivery_grace_s: float = 30.0
+    # A deliverer task starts no claim and no send after this many seconds: it gives back what it
+    # claimed and hands its contacts to a fresh task. Its sends end one attempt later at most, well
+    # before Celery's soft time limit (celeryconfig: 50 s) and the kill after it, which would cut
+    # sends in flight: a second copy of whatever a provider had accepted.
+    deliverer_budget_s: float = 30.0
 
     @property
     def claim_lasts(self) -> timedelta:
@@ -619,16 +625,28 @@ def sweep(
 
     Returns (claims given back, rows woken). SKIP LOCKED: a row being sent right now is never taken.
     """
+    # Messages only (alerts, status updates, digests), and a digest's members with their digest, in
+    # the same statement, never on their own: a digest being sent is locked (SKIP LOCKED leaves it)
+    # before begin_send locks its members, and members given back meanwhile would be PENDING under
+    # a digest then sent without them, never claimed again (a claim takes members only through
+    # their PENDING digest). So would members cut off from their digest by the limit.
     expired = (
         select(Notification.id)
-        .where(Notification.status == SENDING, Notification.claimed_until < now)
+        .where(
+            Notification.status == SENDING, Notification.claimed_until < now, Notification.digest_id.is_(None)
+        )
         .limit(limit)
         .with_for_update(skip_locked=True)
-        .scalar_subquery()
+        .cte("expired")
     )
     released = session.scalars(
         update(Notification)
-        .where(Notification.id.in_(expired))
+        .where(
+            or_(
+                Notification.id.in_(select(expired.c.id)),
+                and_(Notification.digest_id.in_(select(expired.c.id)), Notification.status == SENDING),
+            )
+        )
         .values(status=PENDING, claim_token=None, claimed_until=None, next_attempt_at=now, updated_at=now)
         .returning(Notification.contact_id),
         execution_options={"synchronize_session": False},
@@ -645,10 +663,18 @@ def sweep(
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
+    # A member left PENDING under a digest that went out or was skipped without it (given back on its
+    # own by a sweep before the one above) is a message of its own again: claims take it.
+    digest = aliased(Notification)
+    digest_gone = (
+        ~select(digest.id)
+        .where(digest.id == Notification.digest_id, digest.status.in_((PENDING, SENDING)))
+        .exists()
+    )
     woken = session.scalars(
         update(Notification)
         .where(Notification.id.in_(forgotten))
-        .values(next_attempt_at=now)
+        .values(next_attempt_at=now, digest_id=case((digest_gone, None), else_=Notification.digest_id))
         .returning(Notification.contact_id),
         execution_options={"synchronize_session": False},
     ).all()

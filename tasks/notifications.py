@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -174,10 +175,11 @@ def deliver_notifications(self, contact_ids: list[str] | str) -> int:
     A message published before deliverers took several contacts names one, not a list."""
     ids = [contact_ids] if isinstance(contact_ids, str) else list(contact_ids)
     app = current_app._get_current_object()
+    deadline = time.monotonic() + current_app.config["SETTINGS"].notify.deliverer_budget_s
 
     def deliver_in_thread(contact_id: str) -> int:
         with app.app_context():
-            return _deliver(contact_id)
+            return _deliver(contact_id, deadline)
 
     # Every contact's flag in one round trip, before any of their claims (see WAKE_FLAG_TTL_S).
     _clear_wake_flags(ids)
@@ -203,8 +205,9 @@ def deliver_notifications(self, contact_ids: list[str] | str) -> int:
     return attempted
 
 
-def _deliver(contact_id: str) -> int:
-    """Send the contact's due notifications, within its throttle; returns how many were attempted."""
+def _deliver(contact_id: str, deadline: float) -> int:
+    """Send the contact's due notifications, within its throttle, until the task's `deadline`
+    (time.monotonic()); returns how many were attempted."""
     settings = current_app.config["SETTINGS"].notify
     provider_settings = current_app.extensions["channel_settings"]
     db = current_app.extensions["db"]
@@ -212,6 +215,9 @@ def _deliver(contact_id: str) -> int:
     attempted = 0
     cleared = True  # the deliverer cleared the flag before the first claim (and at the end of a round)
     for _ in range(MAX_ROUNDS):
+        if time.monotonic() >= deadline:
+            wake_at(uuid.UUID(contact_id), None)  # a fresh deliverer, whatever the flag says
+            return attempted
         if not cleared:
             _clear_wake_flags([contact_id])  # before the claim: see WAKE_FLAG_TTL_S
         with db.begin() as session:
@@ -219,7 +225,18 @@ def _deliver(contact_id: str) -> int:
         if claim.busy:
             _hand_to_busy_deliverer(contact_id, settings)
             break
+        # The rows the claim set to wait for the throttle's window are woken then, whatever happens
+        # to this round's sends (a retry ends the round early).
+        if claim.wake_at is not None and not claim.wake_scheduled:
+            wake_at(uuid.UUID(contact_id), claim.wake_at)
         for notification_id in claim.ids:
+            if time.monotonic() >= deadline:
+                # The rest of the claim back, due now, for a fresh deliverer.
+                with db.begin() as session:
+                    now = db_now(session)
+                    notify.release(session, token, now, now)
+                wake_at(uuid.UUID(contact_id), None)
+                return attempted
             with db.begin() as session:
                 attempt = notify.begin_send(session, notification_id, token)
                 if attempt is None:
@@ -234,15 +251,15 @@ def _deliver(contact_id: str) -> int:
                     notify.release(session, token, retry_at, db_now(session))
                 wake_at(uuid.UUID(contact_id), retry_at)
                 return attempted
-        if claim.wake_at is not None:
-            if not claim.wake_scheduled:
-                wake_at(uuid.UUID(contact_id), claim.wake_at)
-            # Until then a new alert has nothing to wake: it waits for the same window.
-            _hold_wake_flag(contact_id, claim.wake_at)
-            break
+        # Due rows left for another round come first: rows waiting for the window (a claim that
+        # made a digest may leave both) have their wake-up.
         if claim.more:
             cleared = False
             continue
+        if claim.wake_at is not None:
+            # Until then a new alert has nothing to wake: it waits for the same window.
+            _hold_wake_flag(contact_id, claim.wake_at)
+            break
         # Nothing left, unless a deliverer woken meanwhile found this one busy and left its rows to it
         # (or it is still on its way, and will find nothing). Rows that come later wake their own.
         cleared = _clear_wake_flags([contact_id])

@@ -466,3 +466,140 @@ def test_one_round_trip_raises_the_wake_flags_and_names_only_the_contacts_withou
         assert _clear_wake_flags([on_its_way, fresh, other])
         assert _raise_wake_flags([other]) == [other]
         _clear_wake_flags([other])
+
+
+def expired_digest_claim(db, tenant) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A new SMS contact (rate 2) paged by six levels, claimed: one alert and a digest of the other
+    five, the claim since expired (its deliverer died, or is slow). Returns (token, ids)."""
+    phone = contact(db, tenant, "sms")
+    for _ in range(6):
+        execute_level(db, tenant)
+    token = uuid.uuid4()
+    ids = claim(db, phone, token).ids
+    with db.begin() as session:
+        session.execute(
+            update(Notification)
+            .where(Notification.claim_token == token)
+            .values(claimed_until=text("now() - interval '1 second'"))
+        )
+    return token, ids
+
+
+def test_the_sweep_gives_a_digests_members_back_only_with_their_digest(db, tenant):
+    """A digest being sent is locked before its members are: a sweep in between must not give the
+    members back on their own, or the digest goes out without them and they are never claimed."""
+    token, (alert_id, digest_id) = expired_digest_claim(db, tenant)
+    with db.begin() as sending:
+        # begin_send's first statement: the digest locked, its members not yet.
+        sending.execute(select(Notification.id).where(Notification.id == digest_id).with_for_update())
+        with db.begin() as session:
+            released, _ = notify.sweep(session, db_now(session), RULES, Outbox())
+        assert released == 1 and rows(db, id=alert_id)[0].status is NotificationStatus.PENDING
+        assert {m.status for m in rows(db, digest_id=digest_id)} == {NotificationStatus.SENDING}
+        sending.rollback()
+    assert attempt(db, digest_id, token, Outcome("sent", provider_id="SM1")) is None
+    members = rows(db, digest_id=digest_id)
+    assert len(members) == 5 and {m.status for m in members} == {NotificationStatus.BUNDLED}
+    # However small the sweep's batch, a digest given back takes its members with it.
+    _token, (_alert_id, digest_id) = expired_digest_claim(db, tenant)
+    for _ in range(2):
+        with db.begin() as session:
+            notify.sweep(session, db_now(session), RULES, Outbox(), limit=1)
+        (digest,) = rows(db, id=digest_id)
+        assert {m.status for m in rows(db, digest_id=digest_id)} == {digest.status}
+    assert digest.status is NotificationStatus.PENDING
+
+
+def test_a_member_left_behind_by_a_digest_that_went_out_is_sent_on_its_own(db, tenant):
+    """Members given back on their own by an earlier version's sweep, under a digest since sent: the
+    sweep makes each a message of its own again, and a claim takes it."""
+    phone = contact(db, tenant, "sms")
+    for _ in range(4):
+        execute_level(db, tenant)
+    token = uuid.uuid4()
+    alert_id, digest_id = claim(db, phone, token).ids
+    stranded, *_ = rows(db, digest_id=digest_id)
+    with db.begin() as session:
+        session.execute(
+            update(Notification)
+            .where(Notification.id == stranded.id)
+            .values(status=NotificationStatus.PENDING, claim_token=None, claimed_until=None,
+                    next_attempt_at=text("now() - interval '1 hour'"))
+        )  # fmt: skip
+    attempt(db, alert_id, token, Outcome("sent"))
+    attempt(db, digest_id, token, Outcome("sent"))
+    assert rows(db, id=stranded.id)[0].status is NotificationStatus.PENDING
+    outbox = Outbox()
+    with db.begin() as session:
+        notify.sweep(session, db_now(session), RULES, outbox)
+    (row,) = rows(db, id=stranded.id)
+    assert row.digest_id is None and phone in outbox.wake
+    with db.begin() as session:  # the window has room again
+        session.execute(
+            text("UPDATE notifications SET sent_at = sent_at - interval '1 hour' WHERE contact_id = :c"),
+            {"c": phone},
+        )
+    token = uuid.uuid4()
+    assert claim(db, phone, token).ids == [stranded.id]
+
+
+def _deliverer_app(db, **env: str):
+    """The app as a notifier runs it, on this module's database, sending to local receivers."""
+    from api import create_app
+
+    url = db.kw["bind"].url.render_as_string(hide_password=False)
+    return create_app({"DATABASE_URL": url, "NOTIFY_ALLOW_PRIVATE_URLS": "1", **env})
+
+
+def test_a_deliverer_past_its_budget_gives_back_the_rest_and_leaves_it_to_a_fresh_one(db, tenant):
+    """A deliverer stops starting sends at its budget, long before Celery's time limit would kill it
+    in the middle of one (a second copy of what the receiver had accepted)."""
+    from tasks.channels.webhook import new_secret
+    from tasks.notifications import deliver_notifications
+    from tests.support.receivers import HttpReceiver, Reply
+
+    slow = Reply(200, lambda: (time.sleep(0.4), b"ok")[1])
+    app = _deliverer_app(db, NOTIFY_DELIVERER_BUDGET="1")
+    with HttpReceiver(default=slow) as hooks:
+        hook = contact(db, tenant, "webhook", address=hooks.url + "/hook", secret=new_secret())
+        for _ in range(6):
+            execute_level(db, tenant, notify_override=["webhook"])
+        with app.app_context():
+            first = deliver_notifications([str(hook)])
+        assert 2 <= first <= 4 and len(hooks.requests) == first
+        statuses = [row.status for row in rows(db, contact_id=hook)]
+        assert statuses.count(NotificationStatus.SENT) == first
+        left = [row for row in rows(db, contact_id=hook) if row.status is not NotificationStatus.SENT]
+        assert left and all(r.status is NotificationStatus.PENDING and r.claim_token is None for r in left)
+        with app.app_context():
+            for _ in range(3):  # fresh deliverers, as the one published would be
+                deliver_notifications([str(hook)])
+        assert {row.status for row in rows(db, contact_id=hook)} == {NotificationStatus.SENT}
+        ids = [r.headers["webhook-id"] for r in hooks.requests]
+        assert len(ids) == len(set(ids)) == 6
+
+
+def test_a_deliverer_sends_what_a_digest_left_within_the_throttle_before_it_waits(db, tenant):
+    """A claim that made a digest and set a later kind of message to wait for the window may leave due
+    alerts for another round: the deliverer takes them now, not when the window has passed."""
+    from tasks.channels.webhook import new_secret
+    from tasks.notifications import deliver_notifications
+    from tests.support.receivers import HttpReceiver
+
+    app = _deliverer_app(db, NOTIFY_RATE_WEBHOOK="25")
+    with HttpReceiver() as hooks:
+        hook = contact(db, tenant, "webhook", address=hooks.url + "/hook", secret=new_secret())
+        for _ in range(30):
+            execute_level(db, tenant, notify_override=["webhook"])
+        with db.begin() as session:
+            notify.queue_test(session, session.get(Contact, hook), db_now(session), Outbox())
+        with app.app_context():
+            deliver_notifications([str(hook)])
+        alerts = [r for r in rows(db, contact_id=hook) if r.type is NotificationType.ESCALATED]
+        assert len(alerts) == 30 and {r.status for r in alerts} == {
+            NotificationStatus.SENT,
+            NotificationStatus.BUNDLED,
+        }
+        (test_message,) = rows(db, contact_id=hook, type=NotificationType.TEST)
+        assert test_message.status is NotificationStatus.PENDING  # the window is full: it waits
+        assert len(hooks.requests) == 25  # 24 alerts and one digest of the other 6
