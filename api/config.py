@@ -145,7 +145,7 @@ class Settings:
                 retry_for_s=_float(env, "NOTIFY_RETRY_FOR", 900),
                 redelivery_grace_s=_float(env, "ESCALATION_REDELIVERY_GRACE", 30),
                 # Tests shorten it to see a deliverer hand over to the next one.
-                deliverer_budget_s=_float(env, "NOTIFY_DELIVERER_BUDGET", 30),
+                deliverer_budget_s=_float(env, "NOTIFY_DELIVERER_BUDGET", 10),
             ),
         )
         settings.check()

@@ -92,8 +92,12 @@ class NotifySettings:
     # A deliverer task starts no claim and no send after this many seconds: it gives back what it
     # claimed and hands its contacts to a fresh task. Its sends end one attempt later at most, well
     # before Celery's soft time limit (celeryconfig: 50 s) and the kill after it, which would cut
-    # sends in flight: a second copy of whatever a provider had accepted.
-    deliverer_budget_s: float = 30.0
+    # sends in flight: a second copy of whatever a provider had accepted. Short enough, too, that a
+    # deliverer at work when its dyno is told to stop (SIGTERM on every deploy) is done within the
+    # worker's soft shutdown (WORKER_SOFT_SHUTDOWN_TIMEOUT, 12 s) when its receivers answer: one
+    # that sent a storm's backlog in one task held the notifier past the platform's grace
+    # (fault scenario 20), and the platform's SIGKILL is that same cut.
+    deliverer_budget_s: float = 10.0
 
     @property
     def claim_lasts(self) -> timedelta:
