@@ -76,6 +76,12 @@ class Notification(Base):
         ),
         # The throttle: what a contact was sent in the last minute.
         Index("ix_notifications_contact_sent_at", "contact_id", "sent_at"),
+        # The sweep: claims past their deadline (migration 0010).
+        Index(
+            "ix_notifications_sending_claimed_until",
+            "claimed_until",
+            postgresql_where=text("status = 'SENDING'"),
+        ),
         Index("ix_notifications_incident_id", "incident_id", "created_at", "id"),
         Index("ix_notifications_digest_id", "digest_id"),
         # The metrics read the few rows created since their rollup's watermark (models/metrics.py).

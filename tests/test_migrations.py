@@ -86,10 +86,10 @@ def functions(db) -> set[str]:
 
 def test_exactly_one_head(script):
     heads = script.get_heads()
-    assert heads == ["0009"]
+    assert heads == ["0010"]
     # A straight line from base to head, each revision naming the one before.
     chain = [rev.revision for rev in script.walk_revisions("base", "heads")]
-    assert chain == ["0009", "0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"]
+    assert chain == ["0010", "0009", "0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"]
     assert script.get_revision("0001").down_revision is None
     assert script.get_revision("0002").down_revision == "0001"
     assert script.get_revision("0003").down_revision == "0002"
@@ -99,6 +99,7 @@ def test_exactly_one_head(script):
     assert script.get_revision("0007").down_revision == "0006"
     assert script.get_revision("0008").down_revision == "0007"
     assert script.get_revision("0009").down_revision == "0008"
+    assert script.get_revision("0010").down_revision == "0009"
     assert script.get_bases() == ["0001"]
 
 
@@ -130,7 +131,7 @@ def test_upgrade_head_on_an_empty_database_then_down_to_base_and_up_again(cfg, d
 
     command.upgrade(cfg, "head")
     assert tables(db) == TABLES | {"alembic_version"}
-    assert revision(db) == "0009"
+    assert revision(db) == "0010"
 
 
 def test_every_step_up_and_down(cfg, db, script):
@@ -147,6 +148,7 @@ def test_every_step_up_and_down(cfg, db, script):
         "0007": TABLES,
         "0008": TABLES,
         "0009": TABLES,
+        "0010": TABLES,
     }
     previous = "base"
     for rev in revisions:
@@ -157,7 +159,7 @@ def test_every_step_up_and_down(cfg, db, script):
         assert revision(db) == (None if previous == "base" else previous)
         command.upgrade(cfg, rev)
         previous = rev
-    assert revision(db) == "0009"
+    assert revision(db) == "0010"
 
 
 def test_upgrade_keeps_existing_rows(cfg, db):
