@@ -52,16 +52,9 @@ class TooManyPolicies(Exception):
     """The tenant has MAX_TENANT_POLICIES policies of its own: a policy of a new name is refused."""
 
 
-# Built once: every escalate request runs it (models/engine.py says why).
-_LATEST = (
-    select(TenantPolicy)
-    .where(TenantPolicy.tenant == bindparam("tenant"), TenantPolicy.name == bindparam("name"))
-    .order_by(TenantPolicy.version.desc())
-    .limit(1)
-)
-_LATEST_LOCKED = _LATEST.with_for_update()
-# The same, as a row of columns on the session's connection: find() only reads it, and the ORM's
-# loading of an entity cost more than the statement (an escalate request runs it once or twice).
+# Built once: every escalate request runs it (models/engine.py says why). As a row of columns on
+# the session's connection for find(), which only reads it (the ORM's loading of an entity cost more
+# than the statement); as the entity for put() and delete(), which change it.
 _COLUMNS = TenantPolicy.__table__.c
 _LATEST_ROW = (
     select(*_COLUMNS)
@@ -69,6 +62,8 @@ _LATEST_ROW = (
     .order_by(_COLUMNS.version.desc())
     .limit(1)
 )
+_LATEST = select(TenantPolicy).from_statement(_LATEST_ROW)
+_LATEST_LOCKED = select(TenantPolicy).from_statement(_LATEST_ROW.with_for_update())
 
 
 def latest(session: Session, tenant: str, name: str, *, lock: bool = False) -> TenantPolicy | None:

@@ -231,11 +231,7 @@ def _deliver(contact_id: str, deadline: float) -> int:
             wake_at(uuid.UUID(contact_id), claim.wake_at)
         for notification_id in claim.ids:
             if time.monotonic() >= deadline:
-                # The rest of the claim back, due now, for a fresh deliverer.
-                with db.begin() as session:
-                    now = db_now(session)
-                    notify.release(session, token, now, now)
-                wake_at(uuid.UUID(contact_id), None)
+                _give_back(contact_id, token, None)  # to a fresh deliverer
                 return attempted
             with db.begin() as session:
                 attempt = notify.begin_send(session, notification_id, token)
@@ -247,9 +243,7 @@ def _deliver(contact_id: str, deadline: float) -> int:
             attempted += 1
             _log(attempt, outcome)
             if retry_at is not None:
-                with db.begin() as session:
-                    notify.release(session, token, retry_at, db_now(session))
-                wake_at(uuid.UUID(contact_id), retry_at)
+                _give_back(contact_id, token, retry_at)
                 return attempted
         # Due rows left for another round come first: rows waiting for the window (a claim that
         # made a digest may leave both) have their wake-up.
@@ -268,6 +262,15 @@ def _deliver(contact_id: str, deadline: float) -> int:
     else:
         wake([uuid.UUID(contact_id)])
     return attempted
+
+
+def _give_back(contact_id: str, token: uuid.UUID, until: datetime | None) -> None:
+    """Give back what this deliverer claimed and has not attempted, due `until` (None: now), and
+    publish a deliverer for the contact then."""
+    with current_app.extensions["db"].begin() as session:
+        now = db_now(session)
+        notify.release(session, token, until or now, now)
+    wake_at(uuid.UUID(contact_id), until)
 
 
 def _log(attempt: notify.Attempt, outcome: channels.Outcome) -> None:
